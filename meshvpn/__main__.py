@@ -1,0 +1,3 @@
+from meshvpn.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""``meshvpn broker``: mosquitto with a configuration meshvpn writes.
+
+The agents only need plain MQTT 3.1.1 (retained messages, last will, QoS 1),
+so any broker works; this is the embedded default for one box. Limits are
+set so that one misbehaving client cannot exhaust the broker: message size
+(our largest message is 4 KiB), queued and in-flight messages per client,
+and persistence so retained announcements survive a broker restart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from meshvpn.errors import LocalError
+
+MAX_PAYLOAD: Final = 8192
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    state_dir: Path
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int = 1883
+    user: str = "root"  # mosquitto drops to this user when started as root
+
+
+def render_config(cfg: BrokerConfig) -> str:
+    """The mosquitto.conf for this broker. Pure."""
+    return f"""\
+# Written by meshvpn; edits are overwritten at the next start.
+per_listener_settings false
+user {cfg.user}
+listener {cfg.port} {cfg.address}
+allow_anonymous true
+protocol mqtt
+max_connections 20000
+max_packet_size {MAX_PAYLOAD + 512}
+max_inflight_messages 100
+max_queued_messages 1000
+max_queued_bytes 1048576
+max_keepalive 300
+persistence true
+persistence_location {cfg.state_dir}/
+autosave_interval 30
+log_dest stderr
+log_type error
+log_type warning
+log_type notice
+connection_messages false
+"""
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
+    if found is None:
+        raise LocalError(
+            "mosquitto not found",
+            "install it with `apt-get install --no-install-recommends mosquitto`",
+        )
+    return found
+
+
+def run_broker(cfg: BrokerConfig) -> int:
+    """Run mosquitto in the foreground until it exits or we are signalled."""
+    binary = mosquitto_binary()
+    try:
+        cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if cfg.user != "root":
+            shutil.chown(cfg.state_dir, cfg.user)
+        conf = cfg.state_dir / "mosquitto.conf"
+        conf.write_text(render_config(cfg))
+    except OSError as exc:
+        raise LocalError(
+            f"cannot write broker state in {cfg.state_dir}: {exc.strerror}",
+            "pick another --state-dir",
+        ) from None
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdin=subprocess.DEVNULL)
+
+    def forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    code = proc.wait()
+    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+        raise LocalError(f"mosquitto exited with code {code}", "see the lines above")
+    return 0
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("MESHVPN_BROKER_DIR", "/var/lib/meshvpn/broker"))

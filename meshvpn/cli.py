@@ -1,0 +1,558 @@
+"""The ``meshvpn`` command line.
+
+Exit codes: 0 ok; 1 error on this host; 2 bad usage; 3 bad configuration or
+state directory; 4 another agent owns the state directory; 5 a peer did not
+answer or misbehaved; 130 interrupted. Errors are one line on stderr:
+``error: <what went wrong>; <what to do>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from meshvpn import __version__
+from meshvpn.errors import LocalError, MeshvpnError
+from meshvpn.identity import DEFAULT_STATE_DIR, PublicKey, init_identity, load_identity
+
+DEFAULT_IFNAME = "meshvpn0"
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    return Path(args.state_dir).absolute()
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    identity, created = init_identity(_state_dir(args))
+    for name in created:
+        print(f"created {_state_dir(args) / name}")
+    if not created:
+        print(f"keys already present in {_state_dir(args)}; nothing changed")
+    print(f"node id: {identity.node_id}")
+    return 0
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    summary = load_identity(_state_dir(args)).public_summary()
+    if args.json:
+        _print_json(summary)
+    else:
+        width = max(map(len, summary))
+        for key, value in summary.items():
+            print(f"{key.replace('_', ' '):<{width}}  {value}")
+    return 0
+
+
+def _run_agent(agent_coro: Any) -> int:  # noqa: ANN401 - a coroutine
+    asyncio.run(agent_coro)
+    return 0
+
+
+def _endpoint(text: str | None, flag: str) -> Any:  # noqa: ANN401 - Endpoint | None
+    from meshvpn.agent import resolve_local_endpoint  # noqa: PLC0415
+
+    if text is None:
+        return None
+    try:
+        return resolve_local_endpoint(text)
+    except LocalError:
+        raise LocalError(
+            f"bad {flag} {text!r}", "give host:port, e.g. 198.51.100.2:51820"
+        ) from None
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    from meshvpn.mqtt import BrokerAddress  # noqa: PLC0415
+    from relay.agent import RelayAgent, RelayOptions  # noqa: PLC0415
+
+    try:
+        pool = ipaddress.IPv4Network(args.pool)
+    except ValueError as exc:
+        raise LocalError(
+            f"bad --pool {args.pool!r}: {exc}", "give a network like 100.64.0.0/24"
+        ) from None
+    opts = RelayOptions(
+        state_dir=_state_dir(args),
+        ifname=args.interface,
+        backend=args.wg_backend,
+        ready_fd=args.ready_fd,
+        listen_port=args.listen_port,
+        pool=pool,
+        exit=args.exit,
+        broker=BrokerAddress.parse(args.broker) if args.broker else None,
+        endpoint=_endpoint(args.endpoint, "--endpoint"),
+        probe_port=args.probe_port,
+        geohash=args.geohash,
+        price_per_gib=args.price,
+        capacity=args.capacity,
+        announce_ttl_s=args.announce_ttl,
+    )
+    try:
+        agent = RelayAgent(opts)
+    except ValueError as exc:
+        raise LocalError(str(exc)) from None
+    return _run_agent(agent.run())
+
+
+def cmd_admit(args: argparse.Namespace) -> int:
+    from meshvpn.control import call  # noqa: PLC0415
+
+    try:
+        PublicKey.from_b64(args.wireguard_key)
+    except ValueError as exc:
+        raise LocalError(
+            f"bad WireGuard key: {exc}", "give the client's public key (base64)"
+        ) from None
+    answer = call(_state_dir(args), "admit", wireguard_key=args.wireguard_key)
+    if args.json:
+        _print_json({k: v for k, v in answer.items() if k != "ok"})
+    else:
+        print(
+            "admitted; give the client:"
+            f" --address {answer['address']} --relay-key {answer['relay_key']}"
+        )
+    return 0
+
+
+def _connect_options(args: argparse.Namespace) -> Any:  # noqa: ANN401
+    from meshvpn.client import ClientOptions  # noqa: PLC0415
+    from meshvpn.mqtt import BrokerAddress  # noqa: PLC0415
+
+    manual = [args.relay, args.relay_key, args.address]
+    if args.broker is None and None in manual:
+        raise LocalError(
+            "connect needs --broker, or all of --relay, --relay-key and --address",
+            "e.g. `meshvpn connect --broker 203.0.113.2:1883`",
+        )
+    relay_key = address = None
+    if args.relay_key is not None:
+        try:
+            relay_key = PublicKey.from_b64(args.relay_key)
+        except ValueError as exc:
+            raise LocalError(
+                f"bad --relay-key: {exc}", "give the relay's WireGuard public key (base64)"
+            ) from None
+    if args.address is not None:
+        try:
+            address = ipaddress.IPv4Interface(args.address)
+        except ValueError as exc:
+            raise LocalError(
+                f"bad --address {args.address!r}: {exc}", "give e.g. 100.64.0.2/32"
+            ) from None
+    return ClientOptions(
+        state_dir=_state_dir(args),
+        ifname=args.interface,
+        backend=args.wg_backend,
+        ready_fd=args.ready_fd,
+        relay=_endpoint(args.relay, "--relay"),
+        relay_key=relay_key,
+        address=address,
+        broker=BrokerAddress.parse(args.broker) if args.broker else None,
+        near=args.near,
+        exit_region=args.exit_region,
+        max_price=args.max_price,
+        handshake_timeout=args.timeout,
+    )
+
+
+def cmd_connect(args: argparse.Namespace, argv: list[str]) -> int:
+    from meshvpn.client import ClientAgent  # noqa: PLC0415
+
+    opts = _connect_options(args)
+    if args.foreground:
+        return _run_agent(ClientAgent(opts).run())
+    load_identity(opts.state_dir)  # fail here, in the user's terminal, if keys are bad
+    return _spawn_detached(opts.state_dir, [*argv, "--foreground"], args.timeout + 15)
+
+
+def _spawn_detached(state_dir: Path, argv: list[str], timeout: float) -> int:
+    """Start the agent in the background and wait for it to say ready or why not."""
+    read_end, write_end = os.pipe()
+    log_path = state_dir / "agent.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meshvpn", *argv, "--ready-fd", str(write_end)],
+            pass_fds=(write_end,),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    os.close(write_end)
+    line = b""
+    deadline = time.monotonic() + timeout
+    with os.fdopen(read_end, "rb") as pipe:
+        while time.monotonic() < deadline and not line.endswith(b"\n"):
+            ready, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(pipe.fileno(), 4096)
+            if not chunk:
+                break
+            line += chunk
+    try:
+        answer = json.loads(line) if line else None
+    except ValueError:
+        answer = None
+    if answer is None:
+        if proc.poll() is None:
+            proc.terminate()
+        raise LocalError(f"the agent did not report ready within {timeout:g} s", f"see {log_path}")
+    if not answer.get("ok"):
+        proc.wait(timeout=15)
+        print(answer.get("error", "error: the agent failed"), file=sys.stderr)
+        return 5 if "did not answer" in str(answer.get("error")) else 1
+    relay = answer.get("relay", {}).get("endpoint")
+    print(
+        f"connected through {relay} as {answer.get('address')} on {answer.get('interface')}"
+        f" (agent pid {proc.pid}); `meshvpn status` for details, `meshvpn disconnect` to stop"
+    )
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from meshvpn.agent import StateLock, clean_stale  # noqa: PLC0415
+    from meshvpn.control import call  # noqa: PLC0415
+
+    state_dir = _state_dir(args)
+    if not state_dir.is_dir():
+        print(f"nothing to stop: {state_dir} does not exist")
+        return 0
+    lock = StateLock(state_dir)
+    if lock.held_by_other():
+        pid = call(state_dir, "stop").get("pid", "?")
+        deadline = time.monotonic() + args.timeout
+        while lock.held_by_other():
+            if time.monotonic() > deadline:
+                raise LocalError(
+                    f"the agent did not stop within {args.timeout:g} s",
+                    f"look at {state_dir / 'agent.log'}; `kill` its pid as a last resort",
+                )
+            time.sleep(0.05)
+        print(f"stopped the agent{f' (pid {pid})' if pid != '?' else ''}")
+        return 0
+    removed = asyncio.run(clean_stale(state_dir))
+    for line in removed:
+        print(f"cleaned up: {line}")
+    if not removed:
+        print("no agent running and nothing left behind")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from meshvpn.agent import StateLock  # noqa: PLC0415
+    from meshvpn.control import call  # noqa: PLC0415
+    from meshvpn.footprint import Footprint  # noqa: PLC0415
+
+    state_dir = _state_dir(args)
+    if state_dir.is_dir() and not StateLock(state_dir).held_by_other():
+        leftovers = not Footprint.load(state_dir).empty
+        if args.json:
+            _print_json({"running": False, "leftovers": leftovers})
+        else:
+            print(
+                "not running"
+                + ("; a crashed agent left state behind: run `meshvpn down`" if leftovers else "")
+            )
+        return 1
+    answer = call(state_dir, "status")
+    answer.pop("ok", None)
+    answer["running"] = True
+    if args.json:
+        _print_json(answer)
+        return 0
+    _print_status(answer)
+    return 0
+
+
+def _fmt_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
+def _fmt_handshake(ts: float | None) -> str:
+    return f"{time.time() - ts:.0f} s ago" if ts else "never"
+
+
+def _print_status(s: dict[str, Any]) -> None:
+    print(f"{s['role']} {s['node_id']}  pid {s['pid']}  up {s['uptime_s']:.0f} s")
+    print(f"interface {s['interface']} ({s['backend']})")
+    if s["role"] == "relay":
+        print(
+            f"listening on UDP {s['listen_port']}, pool {s['pool']},"
+            f" exit {'on' if s['exit'] else 'off'}"
+        )
+        print(f"{len(s['peers'])} client(s)")
+        for p in s["peers"]:
+            print(
+                f"  {p['wireguard_key'][:8]}…  {p['address']:<15}  rx {_fmt_bytes(p['rx_bytes'])}"
+                f"  tx {_fmt_bytes(p['tx_bytes'])}  handshake {_fmt_handshake(p['last_handshake'])}"
+            )
+    else:
+        relay = s["relay"]
+        print(f"tunnel address {s['address']} via relay {relay['endpoint']}")
+        if "rx_bytes" in relay:
+            print(
+                f"  rx {_fmt_bytes(relay['rx_bytes'])}  tx {_fmt_bytes(relay['tx_bytes'])}"
+                f"  handshake {_fmt_handshake(relay['last_handshake'])}"
+            )
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from meshvpn.broker import BrokerConfig, default_state_dir, run_broker  # noqa: PLC0415
+
+    host, _, port = args.listen.rpartition(":")
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+        cfg = BrokerConfig(
+            Path(args.state_dir) if args.state_dir else default_state_dir(), address, int(port)
+        )
+    except ValueError:
+        raise LocalError(
+            f"bad --listen {args.listen!r}", "give addr:port, e.g. 0.0.0.0:1883"
+        ) from None
+    return run_broker(cfg)
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from meshvpn.lab import nodes  # noqa: PLC0415
+
+    return nodes.cli(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meshvpn.lab import nodes  # noqa: PLC0415
+
+    return nodes.demo(args)
+
+
+def _add_state_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir",
+        default=os.environ.get("MESHVPN_STATE_DIR", str(DEFAULT_STATE_DIR)),
+        help="where the node's keys and runtime state live"
+        " (default: $MESHVPN_STATE_DIR or %(default)s)",
+    )
+
+
+def _add_agent_flags(p: argparse.ArgumentParser) -> None:
+    _add_state_dir(p)
+    p.add_argument(
+        "--interface",
+        default=DEFAULT_IFNAME,
+        help="WireGuard interface name (default: %(default)s)",
+    )
+    p.add_argument(
+        "--wg-backend",
+        choices=["auto", "kernel", "userspace"],
+        default=os.environ.get("MESHVPN_WG_BACKEND", "auto"),
+        help="kernel WireGuard, wireguard-go, or auto: kernel when the module exists"
+        " (default: %(default)s)",
+    )
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+
+def _add_relay_parser(sub: Any) -> None:  # noqa: ANN401 - argparse's private action type
+    p = sub.add_parser(
+        "relay",
+        help="run the relay agent in the foreground",
+        description="Run the relay agent: a WireGuard interface clients connect to, forwarding"
+        " and NAT to the internet when exit is on. Stops cleanly on SIGTERM/SIGINT.",
+    )
+    _add_agent_flags(p)
+    p.add_argument(
+        "--listen-port", type=int, default=51820, help="WireGuard UDP port (default: %(default)s)"
+    )
+    p.add_argument(
+        "--pool",
+        default="100.64.0.0/24",
+        help="tunnel addresses for clients, inside 100.64.0.0/10 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-exit",
+        dest="exit",
+        action="store_false",
+        help="do not forward clients to the internet",
+    )
+    g = p.add_argument_group("discovery (with --broker)")
+    g.add_argument(
+        "--broker", metavar="HOST:PORT", help="announce on this MQTT broker, take session requests"
+    )
+    g.add_argument("--endpoint", metavar="HOST:PORT", help="the address clients dial (announced)")
+    g.add_argument(
+        "--probe-port",
+        type=int,
+        default=0,
+        help="UDP port for RTT probes (default: listen port + 1)",
+    )
+    g.add_argument("--geohash", default="", help="coarse location as a geohash, e.g. u33d")
+    g.add_argument(
+        "--price",
+        type=int,
+        default=1_000_000,
+        help="price per GiB in token units (default: %(default)s)",
+    )
+    g.add_argument(
+        "--capacity", type=int, default=100, help="most concurrent sessions (default: %(default)s)"
+    )
+    g.add_argument(
+        "--announce-ttl",
+        type=int,
+        default=60,
+        help="announcement lifetime in seconds, refreshed at a third of it (default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_relay)
+
+
+def _add_connect_parser(sub: Any) -> None:  # noqa: ANN401
+    p = sub.add_parser(
+        "connect",
+        help="connect this host through the nearest relay (full tunnel)",
+        description="Bring up a full tunnel through a relay: all traffic but WireGuard's own goes"
+        " through it. With --broker, find the relays, probe the nearest and negotiate a session;"
+        " or name the relay by hand. Returns once the relay has answered; the agent keeps"
+        " running in the background (or in the foreground with --foreground).",
+    )
+    _add_agent_flags(p)
+    g = p.add_argument_group("discovery")
+    g.add_argument("--broker", metavar="HOST:PORT", help="the MQTT broker relays announce on")
+    g.add_argument(
+        "--near",
+        default="",
+        metavar="GEOHASH",
+        help="your coarse location: relays nearby are probed first",
+    )
+    g.add_argument(
+        "--exit-region",
+        default="",
+        metavar="GEOHASH",
+        help="only exits whose geohash starts with this",
+    )
+    g.add_argument(
+        "--max-price", type=int, metavar="UNITS", help="highest price per GiB you accept"
+    )
+    g = p.add_argument_group("by hand (without --broker)")
+    g.add_argument("--relay", metavar="HOST:PORT", help="the relay's WireGuard endpoint")
+    g.add_argument("--relay-key", metavar="KEY", help="the relay's WireGuard public key")
+    g.add_argument(
+        "--address", metavar="CIDR", help="this client's tunnel address, from `meshvpn admit`"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for the relay (default: %(default)s)",
+    )
+    p.add_argument("--foreground", action="store_true", help="stay in the foreground (for systemd)")
+    p.set_defaults(func=cmd_connect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshvpn",
+        description="A bandwidth-sharing mesh VPN over WireGuard.",
+        epilog="Exit codes: 0 ok, 1 host error, 2 usage, 3 config/state, 4 already running,"
+        " 5 peer did not answer, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"meshvpn {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create this node's keys (never overwrites)")
+    _add_state_dir(p)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("id", help="print the node id and public keys")
+    _add_state_dir(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_id)
+
+    _add_relay_parser(sub)
+
+    p = sub.add_parser(
+        "admit",
+        help="let a client's WireGuard key in (until discovery lands) and print its address",
+    )
+    _add_state_dir(p)
+    p.add_argument(
+        "wireguard_key", metavar="WIREGUARD_KEY", help="the client's WireGuard public key"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_admit)
+
+    _add_connect_parser(sub)
+
+    for name, text in (
+        ("down", "stop the agent and remove everything it made"),
+        ("disconnect", "same as down"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_state_dir(p)
+        p.add_argument(
+            "--timeout", type=float, default=15.0, help="seconds to wait for the agent to stop"
+        )
+        p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser(
+        "broker",
+        help="run an MQTT broker (mosquitto) configured for meshvpn, in the foreground",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:1883",
+        metavar="ADDR:PORT",
+        help="where to listen (default: %(default)s)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=None,
+        help="persistence and config (default: /var/lib/meshvpn/broker)",
+    )
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("status", help="show what the agent is doing (exit 1 if none runs)")
+    _add_state_dir(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    from meshvpn.lab.nodes import add_lab_parsers  # noqa: PLC0415
+
+    add_lab_parsers(sub, cmd_lab, cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "connect":
+            return cmd_connect(args, argv)  # it re-runs itself detached with the same argv
+        code = int(args.func(args))
+    except MeshvpnError as exc:
+        print(exc.one_line(), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code

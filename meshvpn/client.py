@@ -1,0 +1,396 @@
+"""The client agent: ``meshvpn connect``.
+
+Two ways to a relay:
+
+- by hand: ``--relay``, ``--relay-key`` and ``--address`` (from ``meshvpn admit``);
+- by discovery: ``--broker`` only. The agent reads the relays' retained
+  announcements into a ``Directory``, probes the nearest few (authenticated
+  UDP echo, see ``meshvpn.probe``), asks the best one for a session with a
+  Noise-sealed request, and falls back to the next one if refused. Nothing is
+  created on the host until a relay has said yes.
+
+Then the tunnel goes up wg-quick style (``meshvpn.tunnel``) once the relay has
+answered a WireGuard handshake. The broker connection stays open to renew the
+session; if the broker goes away the tunnel does not notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Final
+
+from meshvpn.agent import CLIENT_KEEPALIVE, TUNNEL_MTU, Agent, CommonOptions, ipv6_enabled
+from meshvpn.directory import ANNOUNCE_PREFIX, Directory, Entry, choose, reply_topic, session_topic
+from meshvpn.errors import LocalError, RemoteError
+from meshvpn.footprint import write_sysctl
+from meshvpn.handshake import PendingRequest, open_request
+from meshvpn.identity import PublicKey
+from meshvpn.messages import STATUS_NAMES, MessageError, SessionGrant, SessionRequest
+from meshvpn.mqtt import BrokerAddress, ControlLink
+from meshvpn.netconf import Netlink
+from meshvpn.probe import ProbeSent, check_reply, make_request
+from meshvpn.tunnel import DEFAULT_FWMARK, full_tunnel
+from meshvpn.wireguard.model import Endpoint, PeerSpec
+
+log = logging.getLogger("meshvpn.client")
+
+GATHER_QUIET_S: Final = 0.3
+GATHER_MAX_S: Final = 2.0
+PROBE_CANDIDATES: Final = 8
+PROBES_EACH: Final = 3
+PROBE_TIMEOUT_S: Final = 1.0
+GRANT_TIMEOUT_S: Final = 5.0
+MAX_ATTEMPTS: Final = 3
+ANY_PRICE: Final = 2**64 - 1
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class ClientOptions(CommonOptions):
+    relay: Endpoint | None = None
+    relay_key: PublicKey | None = None
+    address: ipaddress.IPv4Interface | None = None
+    broker: BrokerAddress | None = None
+    near: str = ""
+    exit_region: str = ""
+    max_price: int | None = None
+    handshake_timeout: float = 10.0
+    fwmark: int = DEFAULT_FWMARK
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """Where this client's tunnel goes."""
+
+    endpoint: Endpoint
+    wireguard_key: PublicKey
+    address: ipaddress.IPv4Interface
+    node_id: str | None = None
+    rtt_ms: float | None = None
+    grant: SessionGrant | None = None
+    entry: Entry | None = None
+
+
+class _ProbeClient(asyncio.DatagramProtocol):
+    def __init__(self, sent: list[tuple[ProbeSent, float]], rtts: list[float]) -> None:
+        self.sent = sent
+        self.rtts = rtts
+        self.all_answered = asyncio.Event()
+
+    def datagram_received(self, data: bytes, _addr: tuple[str | Any, int]) -> None:
+        received = time.monotonic()
+        for probe, at in self.sent:
+            if check_reply(probe, data):
+                self.rtts.append((received - at) * 1000)
+        if len(self.rtts) >= PROBES_EACH:
+            self.all_answered.set()
+
+
+async def probe_rtt(entry: Entry) -> float | None:
+    """Best of a few authenticated probes, in ms; None if the relay never answered."""
+    ann = entry.announcement
+    host, _ = ann.endpoints[0]
+    sent: list[tuple[ProbeSent, float]] = []
+    rtts: list[float] = []
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: _ProbeClient(sent, rtts), remote_addr=(str(host), ann.probe_port)
+    )
+    try:
+        for _ in range(PROBES_EACH):
+            wire, probe = make_request(ann.control_key, now_ms())
+            sent.append((probe, time.monotonic()))
+            transport.sendto(wire)
+            await asyncio.sleep(0.03)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(protocol.all_answered.wait(), PROBE_TIMEOUT_S)
+    finally:
+        transport.close()
+    return min(rtts) if rtts else None
+
+
+class ClientAgent(Agent):
+    role = "client"
+    opts: ClientOptions
+
+    def __init__(self, opts: ClientOptions) -> None:
+        super().__init__(opts)
+        self.directory = Directory()
+        self.link: ControlLink | None = None
+        self.chosen: Chosen | None = None
+        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        self._rejections_logged: set[str] = set()
+
+    # ---- finding a relay
+
+    async def prepare(self) -> None:
+        opts = self.opts
+        if opts.broker is None:
+            if opts.relay is None or opts.relay_key is None or opts.address is None:
+                raise LocalError(
+                    "connect needs --broker, or all of --relay, --relay-key and --address"
+                )
+            self.chosen = Chosen(opts.relay, opts.relay_key, opts.address)
+            return
+        self.link = ControlLink(
+            opts.broker,
+            name=f"client-{self.identity.node_id}",
+            subscriptions=[ANNOUNCE_PREFIX + "+"],
+            handler=self._on_message,
+        )
+        self.spawn(self.link.run())
+        try:
+            await asyncio.wait_for(self.link.connected.wait(), self.opts.handshake_timeout)
+        except TimeoutError:
+            raise RemoteError(
+                f"broker {opts.broker} is unreachable",
+                "check the address (--broker host:port) and that the broker runs",
+            ) from None
+        await self._gather()
+        self.chosen = await self._find_relay()
+
+    async def _gather(self) -> None:
+        """Retained announcements arrive in a burst after subscribing: wait for it to end."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        seen = -1
+        while loop.time() - start < GATHER_MAX_S:
+            count = self.directory.accepted + sum(self.directory.rejected.values())
+            if count == seen and count > 0:
+                return
+            seen = count
+            await asyncio.sleep(GATHER_QUIET_S)
+
+    async def _find_relay(self) -> Chosen:
+        opts = self.opts
+        candidates = self.directory.candidates(
+            now_ms(), near=opts.near, exit_region=opts.exit_region, max_price=opts.max_price
+        )[:PROBE_CANDIDATES]
+        if not candidates:
+            raise RemoteError(
+                f"no usable relay: the broker listed {len(self.directory.entries)} relay(s),"
+                " none of them an exit with room that fits --exit-region/--max-price",
+                "try again later or relax the filters",
+            )
+        results = await asyncio.gather(*(probe_rtt(e) for e in candidates))
+        rtts = {e.node_id: r for e, r in zip(candidates, results, strict=True) if r is not None}
+        for entry in candidates:
+            rtt = rtts.get(entry.node_id)
+            log.info(
+                "relay %s: %s", entry.node_id, f"{rtt:.1f} ms" if rtt else "no answer to probes"
+            )
+        ranked = choose(candidates, rtts)
+        if not ranked:
+            raise RemoteError(
+                f"none of the {len(candidates)} nearest relays answered a probe",
+                "check this host's network, or try again later",
+            )
+        refusals = []
+        for entry in ranked[:MAX_ATTEMPTS]:
+            grant = await self._negotiate(entry)
+            if grant is None:
+                refusals.append(f"{entry.node_id}: no answer")
+                continue
+            if not grant.granted:
+                refusals.append(f"{entry.node_id}: {STATUS_NAMES[grant.status]} ({grant.reason})")
+                log.info("relay %s refused: %s", entry.node_id, refusals[-1])
+                continue
+            host, port = entry.announcement.endpoints[0]
+            return Chosen(
+                endpoint=Endpoint(host, port),
+                wireguard_key=grant.relay_wireguard_key,
+                address=grant.address,
+                node_id=entry.node_id,
+                rtt_ms=round(rtts[entry.node_id], 2),
+                grant=grant,
+                entry=entry,
+            )
+        raise RemoteError(f"no relay gave a session: {'; '.join(refusals)}", "try again later")
+
+    async def _negotiate(self, entry: Entry) -> SessionGrant | None:
+        assert self.link is not None  # noqa: S101 - only with a broker
+        ann = entry.announcement
+        request = SessionRequest(
+            relay=entry.signed.signer,
+            control_key=self.identity.control_public,
+            wireguard_key=self.identity.wireguard_public,
+            want_exit="",
+            max_price_per_gib=self.opts.max_price if self.opts.max_price is not None else ANY_PRICE,
+            reply_token=os.urandom(16),
+            nonce=os.urandom(16),
+            issued_ms=now_ms(),
+        )
+        wire, pending = open_request(
+            self.identity.identity_key,
+            self.identity.control_key,
+            entry.signed.signer,
+            ann.control_key,
+            request,
+        )
+        topic = reply_topic(request.reply_token)
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[topic] = answer
+        try:
+            if not await self.link.subscribe(topic):
+                return None
+            if not await self.link.publish(session_topic(entry.node_id), wire):
+                return None
+            return await self._await_grant(answer, pending)
+        finally:
+            self._pending.pop(topic, None)
+            await self.link.unsubscribe(topic)
+
+    async def _await_grant(
+        self, answer: asyncio.Future[bytes], pending: PendingRequest
+    ) -> SessionGrant | None:
+        try:
+            wire = await asyncio.wait_for(answer, GRANT_TIMEOUT_S)
+        except TimeoutError:
+            return None
+        try:
+            return pending.read_grant(wire)
+        except MessageError as exc:
+            self._count_reject(exc.reason)
+            return None
+
+    def _count_reject(self, reason: str) -> None:
+        self.directory.rejected[reason] += 1
+        if reason not in self._rejections_logged:
+            self._rejections_logged.add(reason)
+            log.warning("dropped a control message (%s); further ones are only counted", reason)
+
+    async def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic.startswith(ANNOUNCE_PREFIX):
+            reason = self.directory.offer(topic, payload, now_ms())
+            if reason is not None and reason not in self._rejections_logged:
+                self._rejections_logged.add(reason)
+                log.warning("dropped an announcement (%s); further ones are only counted", reason)
+            return
+        future = self._pending.get(topic)
+        if future is not None and not future.done():
+            future.set_result(payload)
+
+    # ---- the tunnel
+
+    async def build(self) -> None:
+        assert self.device is not None  # noqa: S101
+        assert self.chosen is not None  # noqa: S101 - prepare() chose
+        opts, chosen = self.opts, self.chosen
+        ipv6 = ipv6_enabled()
+        allowed = [ipaddress.ip_network("0.0.0.0/0")]
+        if ipv6:
+            allowed.append(ipaddress.ip_network("::/0"))
+        await self.device.set_interface(self.identity.wireguard_key, 0, opts.fwmark)
+        async with Netlink() as nl:
+            await nl.address_add(opts.ifname, chosen.address)
+            await nl.link_up(opts.ifname, TUNNEL_MTU)
+        # With the link up, a keepalive makes WireGuard handshake at once.
+        relay_peer = PeerSpec(
+            chosen.wireguard_key, tuple(allowed), chosen.endpoint, CLIENT_KEEPALIVE
+        )
+        await self.device.reconcile({chosen.wireguard_key: relay_peer})
+        await self._await_handshake()
+        plan = full_tunnel(opts.ifname, opts.fwmark, ipv6=ipv6)
+        self.footprint.will_set_sysctl("net.ipv4.conf.all.src_valid_mark")
+        write_sysctl("net.ipv4.conf.all.src_valid_mark", "1")
+        async with Netlink() as nl:
+            for net in plan.routes:
+                await nl.route_add(net, opts.ifname, plan.table)
+            for rule in plan.rules:
+                self.footprint.will_add_rule(rule)
+                await nl.rule_add(rule)
+
+    async def _await_handshake(self) -> None:
+        assert self.device is not None  # noqa: S101
+        assert self.chosen is not None  # noqa: S101
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.opts.handshake_timeout
+        while loop.time() < deadline:
+            peer = (await self.device.state()).peers.get(self.chosen.wireguard_key)
+            if peer is not None and peer.last_handshake:
+                return
+            await asyncio.sleep(0.02)
+        hint = (
+            "the relay granted a session but its tunnel is silent; try again"
+            if self.chosen.grant
+            else "check the relay's address and key, and that it admitted this client"
+            f" (`meshvpn admit {self.identity.wireguard_public.b64}` on the relay)"
+        )
+        raise RemoteError(
+            f"relay {self.chosen.endpoint} did not answer a WireGuard handshake within "
+            f"{self.opts.handshake_timeout:g} s",
+            hint,
+        )
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        if self.chosen is not None and self.chosen.grant is not None:
+            return [self._renew()]
+        return []
+
+    async def _renew(self) -> None:
+        """Ask again before the grant runs out; failures only delay the next try."""
+        assert self.chosen is not None  # noqa: S101
+        while True:
+            grant = self.chosen.grant
+            assert grant is not None  # noqa: S101 - background() checked
+            wait_s = max(5.0, (grant.expires_ms - now_ms()) / 2000)
+            await asyncio.sleep(wait_s)
+            entry = self.chosen.entry
+            if entry is None:
+                return
+            renewed = await self._negotiate(entry)
+            if renewed is not None and renewed.granted:
+                self.chosen = Chosen(**{**self.chosen.__dict__, "grant": renewed})
+            else:
+                log.warning("could not renew the session yet; the tunnel stays up meanwhile")
+
+    async def status(self) -> dict[str, Any]:
+        base = await super().status()
+        chosen = self.chosen
+        relay: dict[str, Any] = {}
+        if chosen is not None:
+            relay = {
+                "endpoint": str(chosen.endpoint),
+                "wireguard_key": chosen.wireguard_key.b64,
+                "node_id": chosen.node_id,
+                "rtt_ms": chosen.rtt_ms,
+            }
+            if self.device is not None:
+                peer = (await self.device.state()).peers.get(chosen.wireguard_key)
+                if peer is not None:
+                    relay |= {
+                        "rx_bytes": peer.rx_bytes,
+                        "tx_bytes": peer.tx_bytes,
+                        "last_handshake": peer.last_handshake,
+                    }
+        session = None
+        if chosen is not None and chosen.grant is not None:
+            session = {
+                "session_id": chosen.grant.session_id.hex(),
+                "price_per_gib": chosen.grant.price_per_gib,
+                "expires_ms": chosen.grant.expires_ms,
+            }
+        return {
+            **base,
+            "address": str(chosen.address) if chosen else None,
+            "relay": relay,
+            "session": session,
+            "broker": {
+                "address": str(self.opts.broker) if self.opts.broker else None,
+                "connected": bool(self.link and self.link.connected.is_set()),
+            },
+            "directory": {
+                "relays": len(self.directory.entries),
+                "rejected": dict(self.directory.rejected),
+            },
+        }

@@ -1,0 +1,139 @@
+"""Session negotiation sealed with Noise IK, carried over any byte transport.
+
+The client knows the relay's control key from its announcement, so IK fits:
+one message each way. Message 1 (client to relay) carries the client's
+signed ``SessionRequest``; message 2 (relay to client) the relay's signed
+``SessionGrant``. The broker that carries them sees only Noise ciphertext:
+not the client's identity, WireGuard key, nor the address it is given.
+
+Noise authenticates the control keys; the Ed25519 signatures inside bind
+those to the node identities (a request names the control key it was sent
+under and the relay it is meant for, a grant names the request's nonce), so
+neither can be lifted into another conversation.
+
+Pure: no I/O and no clock; ``now_ms`` comes in. (Noise draws its ephemeral
+keys from the OS, which is the one input we do not pass in.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from noise.connection import Keypair, NoiseConnection
+from noise.exceptions import (
+    NoiseHandshakeError,
+    NoiseInvalidMessage,
+    NoiseValidationError,
+    NoiseValueError,
+)
+
+from meshvpn.identity import PrivateKey, PublicKey
+from meshvpn.messages import CLOCK_SKEW_MS, MessageError, SessionGrant, SessionRequest, sign, verify
+
+NOISE_NAME: Final = b"Noise_IK_25519_ChaChaPoly_BLAKE2s"
+PROLOGUE: Final = b"meshvpn/v1/session"
+MAX_HANDSHAKE: Final = 4096
+REQUEST_TTL_MS: Final = CLOCK_SKEW_MS
+# What the noise library raises on hostile bytes (it is not consistent about it).
+_NOISE_ERRORS: Final = (
+    NoiseHandshakeError,
+    NoiseInvalidMessage,
+    NoiseValidationError,
+    NoiseValueError,
+    InvalidTag,
+    ValueError,
+    IndexError,
+    TypeError,
+    AttributeError,
+)
+
+
+def _noise(initiator: bool, static: PrivateKey) -> NoiseConnection:
+    conn = NoiseConnection.from_name(NOISE_NAME)
+    if initiator:
+        conn.set_as_initiator()
+    else:
+        conn.set_as_responder()
+    conn.set_prologue(PROLOGUE)
+    conn.set_keypair_from_private_bytes(Keypair.STATIC, static.raw)
+    return conn
+
+
+@dataclass
+class PendingRequest:
+    """The client's half-open handshake, waiting for the grant."""
+
+    conn: NoiseConnection
+    request: SessionRequest
+    relay_identity: PublicKey
+
+    def read_grant(self, wire: bytes) -> SessionGrant:
+        if len(wire) > MAX_HANDSHAKE:
+            raise MessageError("oversized")
+        try:
+            payload = bytes(self.conn.read_message(wire))
+        except _NOISE_ERRORS as exc:
+            raise MessageError("bad-handshake", type(exc).__name__) from None
+        signed = verify(payload, SessionGrant)
+        grant = signed.message
+        assert isinstance(grant, SessionGrant)  # noqa: S101 - verify() checked the type
+        if signed.signer != self.relay_identity:
+            raise MessageError("wrong-signer")
+        if grant.request_nonce != self.request.nonce:
+            raise MessageError("wrong-request")
+        return grant
+
+
+def open_request(
+    identity_key: PrivateKey,
+    control_key: PrivateKey,
+    relay_identity: PublicKey,
+    relay_control: PublicKey,
+    request: SessionRequest,
+) -> tuple[bytes, PendingRequest]:
+    """Client side: seal a request for one relay; returns message 1."""
+    conn = _noise(initiator=True, static=control_key)
+    conn.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, relay_control.raw)
+    conn.start_handshake()
+    wire = bytes(conn.write_message(sign(request, identity_key)))
+    return wire, PendingRequest(conn, request, relay_identity)
+
+
+@dataclass
+class ReceivedRequest:
+    """The relay's view of a verified request, ready to be answered once."""
+
+    conn: NoiseConnection
+    request: SessionRequest
+    client_identity: PublicKey
+    ephemeral: bytes  # the client's Noise ephemeral: a replay repeats it
+
+    def answer(self, grant: SessionGrant, identity_key: PrivateKey) -> bytes:
+        return bytes(self.conn.write_message(sign(grant, identity_key)))
+
+
+def accept_request(
+    control_key: PrivateKey, relay_identity: PublicKey, wire: bytes, now_ms: int
+) -> ReceivedRequest:
+    """Relay side: open message 1 and check everything that can be checked alone."""
+    if len(wire) > MAX_HANDSHAKE:
+        raise MessageError("oversized")
+    conn = _noise(initiator=False, static=control_key)
+    conn.start_handshake()
+    try:
+        payload = bytes(conn.read_message(wire))
+        remote_static = bytes(conn.noise_protocol.handshake_state.rs.public_bytes)
+    except _NOISE_ERRORS as exc:
+        raise MessageError("bad-handshake", type(exc).__name__) from None
+    signed = verify(payload, SessionRequest)
+    request = signed.message
+    assert isinstance(request, SessionRequest)  # noqa: S101
+    if request.control_key.raw != remote_static:
+        raise MessageError("key-mismatch", "request not signed for this Noise key")
+    if request.relay != relay_identity:
+        raise MessageError("wrong-relay")
+    if abs(now_ms - request.issued_ms) > REQUEST_TTL_MS:
+        raise MessageError("expired")
+    return ReceivedRequest(conn, request, signed.signer, wire[:32])

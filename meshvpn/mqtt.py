@@ -1,0 +1,171 @@
+"""The agent's one connection to the broker, kept alive.
+
+Thin asyncio adapter over aiomqtt: it connects, subscribes, runs the
+``on_connect`` hook (announce, for a relay), feeds every message to the
+handler and, when the broker goes away, retries with capped exponential
+backoff for as long as the agent runs. Nothing on the data plane waits for
+it: publishing while disconnected returns False and the caller moves on.
+
+Only plain MQTT 3.1.1 features are used (QoS 0/1, retained messages, last
+will), so mosquitto, EMQX or VerneMQ all serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import aiomqtt
+
+from meshvpn.errors import LocalError
+
+log = logging.getLogger("meshvpn.mqtt")
+
+BACKOFF_START: Final = 0.25
+BACKOFF_MAX: Final = 5.0
+KEEPALIVE: Final = 10
+MAX_QUEUED_IN: Final = 4096
+
+Handler = Callable[[str, bytes], Awaitable[None]]
+Hook = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int = 1883
+
+    @classmethod
+    def parse(cls, text: str) -> BrokerAddress:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, "1883"
+        try:
+            number = int(port)
+        except ValueError:
+            number = 0
+        if not host or not 0 < number < 65536:
+            raise LocalError(
+                f"bad broker address {text!r}", "give host:port, e.g. 203.0.113.2:1883"
+            )
+        return cls(host.strip("[]"), number)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class WillMessage:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+class ControlLink:
+    def __init__(
+        self,
+        broker: BrokerAddress,
+        *,
+        name: str,
+        subscriptions: list[str],
+        handler: Handler,
+        will: WillMessage | None = None,
+        on_connect: Hook | None = None,
+    ) -> None:
+        self.broker = broker
+        self.client_id = f"{name}-{os.urandom(4).hex()}"
+        self.subscriptions = subscriptions
+        self.handler = handler
+        self.will = will
+        self.on_connect = on_connect
+        self._client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self.outages = 0
+        self.handler_errors = 0
+
+    def _new_client(self) -> aiomqtt.Client:
+        will = (
+            aiomqtt.Will(self.will.topic, self.will.payload, qos=1, retain=self.will.retain)
+            if self.will
+            else None
+        )
+        return aiomqtt.Client(
+            self.broker.host,
+            self.broker.port,
+            identifier=self.client_id,
+            will=will,
+            keepalive=KEEPALIVE,
+            timeout=5,
+            max_queued_incoming_messages=MAX_QUEUED_IN,
+        )
+
+    async def run(self) -> None:
+        """Forever: connect, serve, and on any broker trouble wait and retry."""
+        delay = BACKOFF_START
+        while True:
+            try:
+                async with self._new_client() as client:
+                    self._client = client
+                    for topic in self.subscriptions:
+                        await client.subscribe(topic, qos=1)
+                    self.connected.set()
+                    if self.outages:
+                        log.info("broker %s is back", self.broker)
+                    delay = BACKOFF_START
+                    if self.on_connect is not None:
+                        await self.on_connect()
+                    async for message in client.messages:
+                        payload = message.payload
+                        data = payload if isinstance(payload, bytes | bytearray) else b""
+                        try:
+                            await self.handler(str(message.topic), bytes(data))
+                        except Exception:  # hostile input must never take the agent down
+                            self.handler_errors += 1
+                            if self.handler_errors == 1:
+                                log.exception("a message handler failed; counting further failures")
+            except aiomqtt.MqttError as exc:
+                if self.connected.is_set() or self.outages == 0:
+                    log.warning("broker %s unreachable (%s); retrying", self.broker, exc)
+                self.outages += 1
+            finally:
+                self._client = None
+                self.connected.clear()
+            await asyncio.sleep(delay)
+            delay = min(BACKOFF_MAX, delay * 2)
+
+    async def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1
+    ) -> bool:
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain, timeout=5)
+        except aiomqtt.MqttError:
+            return False
+        return True
+
+    async def subscribe(self, topic: str) -> bool:
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.subscribe(topic, qos=1, timeout=5)
+        except aiomqtt.MqttError:
+            return False
+        self.subscriptions.append(topic)
+        return True
+
+    async def unsubscribe(self, topic: str) -> None:
+        if topic in self.subscriptions:
+            self.subscriptions.remove(topic)
+        client = self._client
+        if client is not None:
+            try:
+                await client.unsubscribe(topic, timeout=5)
+            except aiomqtt.MqttError:
+                return

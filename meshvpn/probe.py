@@ -1,0 +1,157 @@
+"""Authenticated RTT probes: a small UDP echo a relay answers only for real
+probes, and never with more bytes than it received.
+
+Request (``REQUEST_LEN`` bytes, zero-padded)::
+
+    b"MVP1" | client ephemeral X25519 key:32 | nonce:16 | sent_ms:u64 | mac:16 | zeros
+
+Reply (``REPLY_LEN`` bytes)::
+
+    b"MVR1" | nonce:16 | mac:16
+
+Both MACs are keyed BLAKE2s with a key from X25519(ephemeral, relay control
+key): only someone who addressed this relay's key can make the relay answer,
+and only the relay can answer. So a relay cannot be used as a reflector: a
+forged or replayed request gets nothing, replies are a third the size of
+requests (no amplification), and each source /24 (or /48) gets a bounded
+number of replies per second.
+
+Pure: keys, time and the source address come in; bytes and decisions go out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Final
+
+from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from meshvpn.identity import PrivateKey, PublicKey
+
+REQ_MAGIC: Final = b"MVP1"
+REP_MAGIC: Final = b"MVR1"
+REQUEST_LEN: Final = 128
+REPLY_LEN: Final = 4 + 16 + 16
+_REQ: Final = struct.Struct("!4s32s16sQ16s")
+FRESH_MS: Final = 30_000
+REPLAY_CACHE: Final = 65_536
+RATE_PER_SOURCE: Final = 20.0  # replies per second per source prefix
+BURST_PER_SOURCE: Final = 40.0
+RATE_TABLE: Final = 65_536
+
+
+def _mac_key(shared: bytes) -> bytes:
+    return hashlib.blake2s(shared, person=b"mvprobe1").digest()
+
+
+def _mac(key: bytes, label: bytes, data: bytes) -> bytes:
+    return hashlib.blake2s(label + data, key=key, digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class ProbeSent:
+    """What the client keeps to check the reply."""
+
+    nonce: bytes
+    mac_key: bytes
+    sent_ms: int
+
+
+def make_request(relay_control: PublicKey, now_ms: int) -> tuple[bytes, ProbeSent]:
+    eph = x25519.X25519PrivateKey.generate()
+    shared = eph.exchange(x25519.X25519PublicKey.from_public_bytes(relay_control.raw))
+    key = _mac_key(shared)
+    nonce = os.urandom(16)
+    eph_pub = eph.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    body = REQ_MAGIC + eph_pub + nonce + now_ms.to_bytes(8, "big")
+    wire = body + _mac(key, b"req", body)
+    return wire.ljust(REQUEST_LEN, b"\0"), ProbeSent(nonce, key, now_ms)
+
+
+def check_reply(sent: ProbeSent, wire: bytes) -> bool:
+    if len(wire) != REPLY_LEN or not wire.startswith(REP_MAGIC):
+        return False
+    nonce, mac = wire[4:20], wire[20:36]
+    return nonce == sent.nonce and mac == _mac(sent.mac_key, b"rep", nonce)
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at_ms: int
+
+
+@dataclass
+class ProbeResponder:
+    """The relay's side: answer valid, fresh, first-seen probes within rate."""
+
+    control_key: PrivateKey
+    seen: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
+    buckets: OrderedDict[str, _Bucket] = field(default_factory=OrderedDict)
+    answered: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def handle(self, wire: bytes, source: str, now_ms: int) -> bytes | None:
+        if len(wire) != REQUEST_LEN or not wire.startswith(REQ_MAGIC):
+            self._drop("malformed")
+            return None
+        if not self._allow(source, now_ms):
+            self._drop("rate-limited")
+            return None
+        _, eph_pub, nonce, sent_ms, mac = _REQ.unpack_from(wire)
+        if wire[_REQ.size :].strip(b"\0"):
+            self._drop("malformed")
+            return None
+        if abs(now_ms - sent_ms) > FRESH_MS:
+            self._drop("stale")
+            return None
+        try:
+            priv = x25519.X25519PrivateKey.from_private_bytes(self.control_key.raw)
+            shared = priv.exchange(x25519.X25519PublicKey.from_public_bytes(eph_pub))
+        except ValueError:  # a low-order point gives an all-zero secret
+            self._drop("bad-mac")
+            return None
+        key = _mac_key(shared)
+        if mac != _mac(key, b"req", wire[: _REQ.size - 16]):
+            self._drop("bad-mac")
+            return None
+        if nonce in self.seen:
+            self._drop("replayed")
+            return None
+        self.seen[nonce] = now_ms
+        while len(self.seen) > REPLAY_CACHE:
+            self.seen.popitem(last=False)
+        self.answered += 1
+        return REP_MAGIC + bytes(nonce) + _mac(key, b"rep", bytes(nonce))
+
+    def _allow(self, source: str, now_ms: int) -> bool:
+        prefix = _source_prefix(source)
+        bucket = self.buckets.pop(prefix, None) or _Bucket(BURST_PER_SOURCE, now_ms)
+        elapsed = max(0, now_ms - bucket.at_ms) / 1000
+        bucket.tokens = min(BURST_PER_SOURCE, bucket.tokens + elapsed * RATE_PER_SOURCE)
+        bucket.at_ms = now_ms
+        self.buckets[prefix] = bucket  # most recent last: the oldest are evicted first
+        while len(self.buckets) > RATE_TABLE:
+            self.buckets.popitem(last=False)
+        if bucket.tokens < 1:
+            return False
+        bucket.tokens -= 1
+        return True
+
+
+def _source_prefix(source: str) -> str:
+    try:
+        addr = ipaddress.ip_address(source)
+    except ValueError:
+        return source
+    bits = 24 if addr.version == 4 else 48
+    return str(ipaddress.ip_network(f"{addr}/{bits}", strict=False))

@@ -1,0 +1,1 @@
+"""The relay role: client sessions, the exit (forwarding and NAT), metering."""

@@ -1,0 +1,395 @@
+"""The relay agent: ``meshvpn relay``.
+
+On top of the shared agent (lock, footprint, device, control socket) a relay:
+
+- keeps a WireGuard interface whose peers are exactly its clients, derived
+  from the pool's leases (hand-admitted keys and negotiated sessions) and
+  reconciled after every change;
+- with exit on, forwards and masquerades the clients' traffic (one nftables
+  table, ``inet meshvpn``);
+- with a broker, announces itself (retained, refreshed before expiry,
+  cleared by its last will), answers authenticated RTT probes on UDP, and
+  answers Noise-sealed session requests. All of that is decided by the pure
+  cores (``meshvpn.messages``, ``meshvpn.handshake``, ``meshvpn.probe``,
+  ``relay.sessions``); this file only moves bytes and applies decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Final
+
+from meshvpn import __version__
+from meshvpn.agent import DEFAULT_POOL, TUNNEL_MTU, Agent, CommonOptions
+from meshvpn.directory import announce_topic, reply_topic, session_topic
+from meshvpn.errors import LocalError
+from meshvpn.footprint import nft_apply, write_sysctl
+from meshvpn.handshake import accept_request
+from meshvpn.identity import PublicKey
+from meshvpn.messages import (
+    ROLE_ENTRY,
+    ROLE_EXIT,
+    STATUS_NAMES,
+    Announcement,
+    MessageError,
+    sign,
+)
+from meshvpn.mqtt import BrokerAddress, ControlLink, WillMessage
+from meshvpn.netconf import Netlink
+from meshvpn.probe import ProbeResponder
+from meshvpn.wireguard.model import Endpoint, PeerSpec
+from relay.exit import TABLE as EXIT_TABLE
+from relay.exit import exit_ruleset
+from relay.pool import AddressPool
+from relay.sessions import Session, SessionBook
+
+log = logging.getLogger("meshvpn.relay")
+
+EXPIRY_CHECK_S: Final = 5.0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class RelayOptions(CommonOptions):
+    listen_port: int = 51820
+    pool: ipaddress.IPv4Network = DEFAULT_POOL
+    exit: bool = True
+    broker: BrokerAddress | None = None
+    endpoint: Endpoint | None = None  # what clients dial; announced
+    probe_port: int = 0  # 0: listen_port + 1
+    geohash: str = ""
+    price_per_gib: int = 1_000_000
+    capacity: int = 100
+    announce_ttl_s: int = 60
+
+    @property
+    def probe(self) -> int:
+        return self.probe_port or self.listen_port + 1
+
+
+class _ProbeProtocol(asyncio.DatagramProtocol):
+    def __init__(self, responder: ProbeResponder) -> None:
+        self.responder = responder
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)  # noqa: S101
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        reply = self.responder.handle(data, str(addr[0]), now_ms())
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+
+class RelayAgent(Agent):
+    role = "relay"
+    opts: RelayOptions
+
+    def __init__(self, opts: RelayOptions) -> None:
+        super().__init__(opts)
+        if opts.broker is not None and opts.endpoint is None:
+            raise LocalError(
+                "a relay on a broker needs --endpoint", "give the address clients dial"
+            )
+        self.pool = AddressPool(opts.pool)
+        self.book = SessionBook(
+            pool=self.pool,
+            node_id=self.identity.node_id,
+            relay_wireguard_key=self.identity.wireguard_public,
+            price_per_gib=opts.price_per_gib,
+            capacity=opts.capacity,
+        )
+        self.manual: set[PublicKey] = set()
+        self.leases_path = opts.state_dir / "leases.json"
+        self._load_leases()
+        self.probes = ProbeResponder(self.identity.control_key)
+        self.link: ControlLink | None = None
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._logged: set[str] = set()
+        self._last_issued = 0
+        self._peers_changed = asyncio.Event()
+        self.control.handlers["admit"] = self._op_admit
+        self.control.handlers["release"] = self._op_release
+
+    # ---- persistence: leases survive a restart, so clients keep their tunnels
+
+    def _load_leases(self) -> None:
+        try:
+            data = json.loads(self.leases_path.read_text())
+        except (OSError, ValueError):
+            return
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            for key_text in data.get("manual", []):
+                key = PublicKey.from_b64(key_text)
+                self.pool.lease(key)
+                self.manual.add(key)
+            for s in data.get("sessions", []):
+                key = PublicKey.from_b64(s["wireguard_key"])
+                address = self.pool.lease(key)
+                self.book.sessions[key] = Session(
+                    session_id=bytes.fromhex(s["session_id"]),
+                    client_identity=PublicKey.from_b64(s["client_identity"]),
+                    wireguard_key=key,
+                    address=address,
+                    price_per_gib=int(s["price_per_gib"]),
+                    granted_ms=int(s["granted_ms"]),
+                    expires_ms=int(s["expires_ms"]),
+                )
+
+    def _save_leases(self) -> None:
+        data = {
+            "manual": sorted(k.b64 for k in self.manual),
+            "sessions": [
+                {
+                    "wireguard_key": s.wireguard_key.b64,
+                    "session_id": s.session_id.hex(),
+                    "client_identity": s.client_identity.b64,
+                    "price_per_gib": s.price_per_gib,
+                    "granted_ms": s.granted_ms,
+                    "expires_ms": s.expires_ms,
+                }
+                for s in self.book.sessions.values()
+            ],
+        }
+        tmp = self.leases_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(self.leases_path)
+
+    def desired_peers(self) -> dict[PublicKey, PeerSpec]:
+        return {
+            key: PeerSpec(key, (ipaddress.ip_network(f"{addr}/32"),))
+            for key, addr in self.pool.leases.items()
+        }
+
+    async def _apply_peers(self) -> None:
+        assert self.device is not None  # noqa: S101 - set before build()
+        self._save_leases()
+        await self.device.reconcile(self.desired_peers())
+
+    # ---- building the host
+
+    async def build(self) -> None:
+        assert self.device is not None  # noqa: S101
+        opts = self.opts
+        await self.device.set_interface(self.identity.wireguard_key, opts.listen_port, 0)
+        gateway = ipaddress.IPv4Interface(f"{self.pool.gateway}/{opts.pool.prefixlen}")
+        async with Netlink() as nl:
+            await nl.address_add(opts.ifname, gateway)
+            await nl.link_up(opts.ifname, TUNNEL_MTU)
+        if opts.exit:
+            self.footprint.will_set_sysctl("net.ipv4.ip_forward")
+            write_sysctl("net.ipv4.ip_forward", "1")
+            self.footprint.will_create_nft_table(EXIT_TABLE)
+            nft_apply(exit_ruleset(opts.ifname, opts.pool))
+        await self._apply_peers()
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        jobs = [self._expire_sessions()]
+        if self.opts.broker is not None:
+            self.link = ControlLink(
+                self.opts.broker,
+                name=f"relay-{self.identity.node_id}",
+                subscriptions=[session_topic(self.identity.node_id)],
+                handler=self._on_message,
+                will=WillMessage(announce_topic(self.identity.node_id), b""),
+                on_connect=self._announce,
+            )
+            jobs += [self.link.run(), self._announce_loop(), self._serve_probes()]
+        return jobs
+
+    # ---- announcements
+
+    def announcement(self) -> Announcement:
+        opts = self.opts
+        assert opts.endpoint is not None  # noqa: S101 - checked in __init__
+        issued = max(now_ms(), self._last_issued + 1)  # strictly newer, even within a ms
+        self._last_issued = issued
+        return Announcement(
+            wireguard_key=self.identity.wireguard_public,
+            control_key=self.identity.control_public,
+            endpoints=((opts.endpoint.host, opts.endpoint.port),),
+            probe_port=opts.probe,
+            mesh_address=self.identity.mesh_address.packed,
+            roles=ROLE_ENTRY | (ROLE_EXIT if opts.exit else 0),
+            geohash=opts.geohash,
+            price_per_gib=opts.price_per_gib,
+            capacity=opts.capacity,
+            load=self.book.load,
+            version=__version__,
+            issued_ms=issued,
+            expires_ms=issued + opts.announce_ttl_s * 1000,
+        )
+
+    async def _announce(self) -> None:
+        if self.link is None:
+            return
+        wire = sign(self.announcement(), self.identity.identity_key)
+        if await self.link.publish(announce_topic(self.identity.node_id), wire, retain=True):
+            self.counters["announcements"] += 1
+
+    async def _announce_loop(self) -> None:
+        # Refresh at a third of the lifetime: two refreshes may be lost before expiry.
+        while True:
+            await asyncio.sleep(self.opts.announce_ttl_s / 3)
+            await self._announce()
+
+    async def _clear_announcement(self) -> None:
+        if self.link is not None:
+            await self.link.publish(announce_topic(self.identity.node_id), b"", retain=True)
+
+    # ---- probes
+
+    async def _serve_probes(self) -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _ProbeProtocol(self.probes),
+            local_addr=("0.0.0.0", self.opts.probe),  # noqa: S104
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            transport.close()
+
+    # ---- sessions
+
+    def _count_reject(self, reason: str, detail: str) -> None:
+        self.counters[f"rejected:{reason}"] += 1
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning(
+                "dropped a session request (%s): %s; further ones are only counted", reason, detail
+            )
+
+    async def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic != session_topic(self.identity.node_id):
+            self._count_reject("wrong-topic", topic[:80])
+            return
+        now = now_ms()
+        try:
+            received = accept_request(
+                self.identity.control_key, self.identity.identity_public, payload, now
+            )
+        except MessageError as exc:
+            self._count_reject(exc.reason, str(exc))
+            return
+        decision = self.book.decide(
+            received.request, received.client_identity, received.ephemeral, os.urandom(16), now
+        )
+        self.counters[f"requests:{decision.reason}"] += 1
+        if decision.grant is None:
+            return
+        if decision.session is not None:
+            await self._apply_peers()  # the peer exists before the client hears "granted"
+            if decision.reason == "granted":
+                log.info(
+                    "session for client %s… at %s",
+                    received.client_identity.b64[:8],
+                    decision.session.address,
+                )
+                await self._announce()  # load changed
+        else:
+            log.info(
+                "refused client %s…: %s",
+                received.client_identity.b64[:8],
+                STATUS_NAMES[decision.grant.status],
+            )
+        wire = received.answer(decision.grant, self.identity.identity_key)
+        assert self.link is not None  # noqa: S101 - messages only come through the link
+        await self.link.publish(reply_topic(received.request.reply_token), wire)
+
+    async def _expire_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK_S)
+            if not self.book.sessions or self.device is None:
+                continue
+            state = await self.device.state()
+            handshakes = {
+                k: int(p.last_handshake * 1000) for k, p in state.peers.items() if p.last_handshake
+            }
+            ended = self.book.expire(now_ms(), handshakes)
+            if ended:
+                for s in ended:
+                    log.info(
+                        "session of client %s… ended (expired and idle)", s.client_identity.b64[:8]
+                    )
+                await self._apply_peers()
+                await self._announce()
+
+    # ---- local control API
+
+    async def _op_admit(self, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            key = PublicKey.from_b64(str(req.get("wireguard_key", "")))
+        except ValueError as exc:
+            raise LocalError(f"bad WireGuard key: {exc}") from None
+        address = self.pool.lease(key)
+        self.manual.add(key)
+        await self._apply_peers()
+        log.info("admitted client %s… at %s by hand", key.b64[:8], address)
+        return {
+            "address": f"{address}/32",
+            "relay_key": self.identity.wireguard_public.b64,
+            "listen_port": self.opts.listen_port,
+        }
+
+    async def _op_release(self, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            key = PublicKey.from_b64(str(req.get("wireguard_key", "")))
+        except ValueError as exc:
+            raise LocalError(f"bad WireGuard key: {exc}") from None
+        self.manual.discard(key)
+        self.book.sessions.pop(key, None)
+        self.pool.release(key)
+        await self._apply_peers()
+        return {}
+
+    async def status(self) -> dict[str, Any]:
+        base = await super().status()
+        peers = []
+        if self.device is not None:
+            state = await self.device.state()
+            for key, peer in sorted(state.peers.items()):
+                session = self.book.sessions.get(key)
+                peers.append(
+                    {
+                        "wireguard_key": key.b64,
+                        "address": str(self.pool.leases.get(key, "")),
+                        "session_id": session.session_id.hex() if session else None,
+                        "client_id": session.client_identity.b64 if session else None,
+                        "endpoint": str(peer.spec.endpoint) if peer.spec.endpoint else None,
+                        "rx_bytes": peer.rx_bytes,
+                        "tx_bytes": peer.tx_bytes,
+                        "last_handshake": peer.last_handshake,
+                    }
+                )
+        return {
+            **base,
+            "listen_port": self.opts.listen_port,
+            "exit": self.opts.exit,
+            "pool": str(self.opts.pool),
+            "broker": {
+                "address": str(self.opts.broker) if self.opts.broker else None,
+                "connected": bool(self.link and self.link.connected.is_set()),
+                "outages": self.link.outages if self.link else 0,
+            },
+            "endpoint": str(self.opts.endpoint) if self.opts.endpoint else None,
+            "probes": {"answered": self.probes.answered, "dropped": dict(self.probes.dropped)},
+            "counters": dict(self.counters),
+            "peers": peers,
+        }
+
+    async def before_stop(self) -> None:
+        await self._clear_announcement()

@@ -1,0 +1,94 @@
+"""The CLI as a user meets it: real processes, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def meshvpn(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meshvpn", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_init_then_id(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    first = meshvpn("init", "--state-dir", str(state))
+    assert first.returncode == 0, first.stderr
+    assert "created" in first.stdout
+    again = meshvpn("init", "--state-dir", str(state))
+    assert again.returncode == 0
+    assert "nothing changed" in again.stdout
+    shown = meshvpn("id", "--state-dir", str(state))
+    assert shown.returncode == 0
+    assert shown.stdout.split()[2].startswith("mv")
+    for name in ("identity.key", "wireguard.key", "control.key"):
+        secret = (state / name).read_text().strip()
+        assert secret not in first.stdout + again.stdout + shown.stdout
+
+
+def test_corrupt_key(tmp_path: Path) -> None:
+    assert meshvpn("init", "--state-dir", str(tmp_path)).returncode == 0
+    (tmp_path / "wireguard.key").write_text("garbage!\n")
+    proc = meshvpn("id", "--state-dir", str(tmp_path))
+    assert proc.returncode == 3
+    line = one_error_line(proc)
+    assert "wireguard.key is corrupt" in line and "meshvpn init" in line
+
+
+def test_unwritable_state_dir(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    proc = meshvpn("init", "--state-dir", str(tmp_path / "file" / "state"))
+    assert proc.returncode == 1
+    assert "--state-dir" in one_error_line(proc)
+
+
+def test_connect_with_bad_arguments(tmp_path: Path) -> None:
+    assert meshvpn("init", "--state-dir", str(tmp_path)).returncode == 0
+    base = ["connect", "--state-dir", str(tmp_path), "--relay", "192.0.2.1:51820"]
+    proc = meshvpn(*base, "--relay-key", "nope", "--address", "100.64.0.2/32")
+    assert "bad --relay-key" in one_error_line(proc)
+    proc = meshvpn(*base, "--relay-key", "A" * 43 + "=", "--address", "300.1.1.1")
+    assert "bad --address" in one_error_line(proc)
+
+
+def test_status_and_down_without_agent(tmp_path: Path) -> None:
+    assert meshvpn("init", "--state-dir", str(tmp_path)).returncode == 0
+    status = meshvpn("status", "--state-dir", str(tmp_path))
+    assert status.returncode == 1
+    assert "not running" in status.stdout
+    down = meshvpn("down", "--state-dir", str(tmp_path))
+    assert down.returncode == 0
+    assert "nothing left behind" in down.stdout
+
+
+def test_help_explains_every_command() -> None:
+    proc = meshvpn("--help")
+    assert proc.returncode == 0
+    for command in (
+        "init",
+        "id",
+        "relay",
+        "admit",
+        "connect",
+        "disconnect",
+        "down",
+        "status",
+        "lab",
+        "demo",
+    ):
+        assert f"    {command} " in proc.stdout
+    assert "Exit codes" in proc.stdout
