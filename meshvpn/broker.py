@@ -28,7 +28,9 @@ class BrokerConfig:
     state_dir: Path
     address: ipaddress.IPv4Address | ipaddress.IPv6Address
     port: int = 1883
-    user: str = "root"  # mosquitto drops to this user when started as root
+    # mosquitto drops to this user when started as root. The lab runs it as root in
+    # a namespace; systemd runs it as a dynamic user, where this has no effect.
+    user: str = "root"
 
 
 def render_config(cfg: BrokerConfig) -> str:

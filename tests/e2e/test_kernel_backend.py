@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ PROBE = (
 
 def kernel_module_present() -> bool:
     # Probe in a throwaway namespace: the host sees nothing, not even the probe link.
-    ns = "mvkprobe"
+    ns = f"mvkprobe{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         proc = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", PROBE], check=False)
