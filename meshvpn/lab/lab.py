@@ -3,10 +3,13 @@
 Theory of operation
 -------------------
 ``Lab.up`` applies a ``LabPlan`` (see ``topology``) with ``ip``/``nft`` and
-starts the web server in the internet namespace. Nothing is made in the root
-namespace: each veth is created inside one lab namespace with its peer placed
-directly into the other, and the internet namespace has no default route, so
-no packet can leave the lab.
+starts the web server in the internet namespace, and there too one delay
+forwarder (``meshvpn.lab.delay``) per relay given a latency. The broker
+namespace is made, but nothing runs in it until the caller ``spawn``s a broker.
+
+Nothing is made in the root namespace: each veth is created inside one lab
+namespace with its peer placed directly into the other, and the internet
+namespace has no default route, so no packet can leave the lab.
 
 Everything the lab makes is recorded in ``{state_root}/{prefix}/lab.json``
 *before* it is made (write-ahead): a namespace is listed before ``ip netns
@@ -45,12 +48,13 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeGuard
 
 import meshvpn
 from meshvpn.errors import LocalError
 from meshvpn.lab import netns
 from meshvpn.lab.topology import (
+    DELAY_PORTS,
     NAT_TABLE,
     LabPlan,
     NodePlan,
@@ -61,13 +65,13 @@ from meshvpn.lab.topology import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
     from types import TracebackType
 
 DEFAULT_STATE_ROOT = Path("/run/meshvpn/lab")
 STATE_VERSION = 1
 KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
-READY_TIMEOUT = 20.0  # for the web server and captures to start
+READY_TIMEOUT = 20.0  # for the web server, delay forwarders and captures to start
 LINK_TIMEOUT = 10.0  # for every veth to report operstate UP
 REQUIRED_TOOLS = ("ip", "nft", "sysctl")
 
@@ -89,6 +93,8 @@ class LabState:
     clients: int
     namespaces: tuple[str, ...] = ()
     processes: tuple[ProcessRecord, ...] = field(default=())
+    # Per relay, ms or None; None for no latencies at all (also what older files mean).
+    latency_ms: tuple[float | None, ...] | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -97,6 +103,7 @@ class LabState:
                 "prefix": self.prefix,
                 "relays": self.relays,
                 "clients": self.clients,
+                "latency_ms": None if self.latency_ms is None else list(self.latency_ms),
                 "namespaces": list(self.namespaces),
                 "processes": [
                     {"pid": p.pid, "node": p.node, "argv": list(p.argv), "log": p.log}
@@ -123,6 +130,9 @@ class LabState:
             and isinstance(processes, list)
         ):
             raise ValueError("missing or mistyped fields")
+        latency = raw.get("latency_ms")
+        if not (latency is None or (isinstance(latency, list) and all(map(_is_ms, latency)))):
+            raise ValueError(f"bad latency_ms {latency!r}")
         records = []
         for p in processes:
             if not (
@@ -135,7 +145,12 @@ class LabState:
             ):
                 raise ValueError(f"bad process record {p!r}")
             records.append(ProcessRecord(p["pid"], p["node"], tuple(p["argv"]), p["log"]))
-        return cls(prefix, relays, clients, tuple(namespaces), tuple(records))
+        latencies = None if latency is None else tuple(latency)
+        return cls(prefix, relays, clients, tuple(namespaces), tuple(records), latencies)
+
+
+def _is_ms(value: object) -> TypeGuard[float | None]:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
 class _LabProcess(subprocess.Popen[bytes]):
@@ -260,13 +275,21 @@ class Lab:
         if state is None:
             raise LocalError(f"no lab {prefix!r} (no {lab.state_file})", "run `meshvpn lab up`")
         lab._state = state
-        lab._plan = plan_lab(prefix, state.relays, state.clients)
+        try:
+            lab._plan = plan_lab(prefix, state.relays, state.clients, state.latency_ms)
+        except LocalError as e:
+            raise LocalError(
+                f"corrupt lab state {lab.state_file}: {e.what}", "run `meshvpn lab down`"
+            ) from e
         return lab
 
     # -- up -------------------------------------------------------------------
 
-    def up(self, relays: int, clients: int) -> None:
-        plan = plan_lab(self.prefix, relays, clients)
+    def up(
+        self, relays: int, clients: int, *, latency_ms: Sequence[float | None] | None = None
+    ) -> None:
+        """Build the lab; ``latency_ms[i-1]`` (if given) is relay{i}'s added round trip."""
+        plan = plan_lab(self.prefix, relays, clients, latency_ms)
         self._preflight()
         try:
             self.state_dir.mkdir(parents=True)
@@ -276,11 +299,13 @@ class Lab:
             raise LocalError(f"cannot create {self.state_dir}: {e}") from e
         self._plan = plan
         try:
-            self._write_state(LabState(self.prefix, relays, clients))
+            latencies = None if latency_ms is None else tuple(r.latency_ms for r in plan.relays)
+            self._write_state(LabState(self.prefix, relays, clients, latency_ms=latencies))
             self._make_namespaces(plan)
             self._make_links(plan)
             self._configure(plan)
             self._start_web(plan)
+            self._start_delays(plan)
             self._wait_links_up(plan)
         except BaseException as e:
             try:
@@ -346,14 +371,30 @@ class Lab:
         log = self.state_dir / "internet-httpserver.log"
         argv = [sys.executable, "-m", "meshvpn.lab.httpserver"]
         argv += ["--bind", str(plan.web_addr), "--port", str(plan.web_port)]
-        pid = self.spawn(plan.internet.name, argv, log=log)
+        self._spawn_server(plan.internet.name, argv, log, "the lab web server")
+
+    def _start_delays(self, plan: LabPlan) -> None:
+        for relay in plan.relays:
+            if relay.public_addr is None or relay.latency_ms is None:
+                continue
+            argv = [sys.executable, "-m", "meshvpn.lab.delay"]
+            argv += ["--listen", str(relay.public_addr), "--to", str(relay.wan_addr)]
+            argv += ["--ports", ",".join(map(str, DELAY_PORTS))]
+            argv += ["--delay-ms", repr(relay.latency_ms / 2)]
+            log = self.state_dir / f"internet-delay-{relay.name}.log"
+            what = f"the delay forwarder of {relay.name}"
+            self._spawn_server(plan.internet.name, argv, log, what)
+
+    def _spawn_server(self, node: str, argv: list[str], log: Path, what: str) -> None:
+        """Spawn ``argv``; wait for it to print ``listening on``."""
+        pid = self.spawn(node, argv, log=log)
         proc = self._children[pid]
         deadline = time.monotonic() + READY_TIMEOUT
         while b"listening on" not in log.read_bytes():
             if proc.poll() is not None:
-                raise LocalError(f"the lab web server exited ({proc.returncode}): {_tail(log)}")
+                raise LocalError(f"{what} exited ({proc.returncode}): {_tail(log)}")
             if time.monotonic() > deadline:
-                raise LocalError(f"the lab web server did not start: {_tail(log)}")
+                raise LocalError(f"{what} did not start: {_tail(log)}")
             time.sleep(0.02)
 
     def _require_state(self) -> LabState:
@@ -488,7 +529,7 @@ class Lab:
         state = self._state or self._read_state()
         if state is None:
             return {"prefix": self.prefix, "up": False, "state_dir": str(self.state_dir)}
-        plan = plan_lab(self.prefix, state.relays, state.clients)
+        plan = plan_lab(self.prefix, state.relays, state.clients, state.latency_ms)
         pids = netns.pids_by_netns([n.netns for n in plan.nodes])
         return {
             "prefix": self.prefix,
@@ -497,6 +538,17 @@ class Lab:
             "relays": state.relays,
             "clients": state.clients,
             "web": f"{plan.web_addr}:{plan.web_port}",
+            "broker": f"{plan.broker.addr}:{plan.broker.port}",
+            "latency": [
+                {
+                    "relay": r.name,
+                    "public_addr": str(r.public_addr),
+                    "wan_addr": str(r.wan_addr),
+                    "latency_ms": r.latency_ms,
+                }
+                for r in plan.relays
+                if r.public_addr is not None
+            ],
             "namespaces": [
                 {
                     "node": n.name,

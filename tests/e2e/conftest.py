@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -74,16 +74,16 @@ def new_prefix() -> Callable[[], str]:
 
 
 @pytest.fixture
-def make_lab(tmp_path: Path, lab_state_root: Path) -> Iterator[Callable[[int, int], Lab]]:
+def make_lab(tmp_path: Path, lab_state_root: Path) -> Iterator[Callable[..., Lab]]:
     if _UNAVAILABLE is not None:
         pytest.skip(f"namespace lab unavailable: {_UNAVAILABLE}")
     labs: list[Lab] = []
 
-    def make(relays: int, clients: int) -> Lab:
+    def make(relays: int, clients: int, **options: Any) -> Lab:
         lab = Lab(unique_prefix(), lab_state_root)
         # A failed up() has already torn down what it made; one refused because
         # the lab exists must not tear that lab down. So register only on success.
-        lab.up(relays, clients)
+        lab.up(relays, clients, **options)
         labs.append(lab)
         return lab
 

@@ -1,4 +1,5 @@
-"""The lab network itself, before any VPN: reachability, home-router NAT, sealing, cleanup."""
+"""The lab network itself, before any VPN: reachability, home-router NAT, the broker's
+namespace, relay latency, sealing, cleanup."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import errno
 import gc
 import json
 import os
+import signal
+import statistics
 import subprocess
 import sys
+import time
 from ipaddress import IPv4Address, IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,12 +25,12 @@ from meshvpn.errors import LocalError
 from meshvpn.lab import Lab, netns
 from meshvpn.lab import lab as lab_module
 from meshvpn.lab.httpserver import pattern
-from meshvpn.lab.topology import LAB_RANGES, owns_netns
+from meshvpn.lab.topology import DELAY_PORTS, LAB_RANGES, owns_netns
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    MakeLab = Callable[[int, int], Lab]
+    MakeLab = Callable[..., Lab]  # (relays, clients, **Lab.up options)
 
 pytestmark = pytest.mark.e2e
 
@@ -42,6 +46,116 @@ else:
 """
 ROUTABLE_V4 = (*LAB_RANGES, IPv4Network("127.0.0.0/8"))
 ROUTABLE_V6 = (IPv6Network("::1/128"), IPv6Network("ff00::/8"))  # loopback, multicast
+
+
+# Small programs run inside lab nodes. Servers print "listening on" once bound.
+TCP_WHO = """
+import socket, sys
+srv = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("listening on", flush=True)
+while True:
+    conn, peer = srv.accept()
+    with conn:
+        conn.sendall(peer[0].encode())
+"""
+TCP_ASK = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as s:
+    sys.stdout.write(s.recv(100).decode())
+"""
+UDP_ECHO = """
+import selectors, socket, sys
+sel = selectors.DefaultSelector()
+for port in map(int, sys.argv[1:]):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    sel.register(s, selectors.EVENT_READ)
+print("listening on", flush=True)
+while True:
+    for key, _ in sel.select():
+        data, peer = key.fileobj.recvfrom(2048)
+        key.fileobj.sendto(data + f" {peer[0]}:{peer[1]}".encode(), peer)
+"""
+UDP_PING = """
+import json, socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+rtts = []
+for i in range(n):
+    t = time.monotonic()
+    s.sendto(b"ping %d" % i, (host, port))
+    data, src = s.recvfrom(2048)
+    rtts.append((time.monotonic() - t) * 1000)
+    assert data.startswith(b"ping %d " % i), data
+seen = data.split()[-1].decode()
+print(json.dumps({"rtts_ms": rtts, "reply_from": f"{src[0]}:{src[1]}", "relay_saw": seen}))
+"""
+# Bulk download: the sink asks with "go COUNT SIZE MBIT"; the source answers with COUNT
+# datagrams of SIZE bytes, numbered, paced at MBIT Mbit/s.
+UDP_SOURCE = """
+import socket, struct, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("listening on", flush=True)
+while True:
+    data, peer = s.recvfrom(2048)
+    _, count, size, mbit = data.split()
+    count, size, pps = int(count), int(size), float(mbit) * 1e6 / 8 / int(size)
+    pad, start, i = bytes(size - 8), time.monotonic(), 0
+    while i < count:
+        due = min(count, int((time.monotonic() - start) * pps) + 1)
+        while i < due:
+            s.sendto(struct.pack("!Q", i) + pad, peer)
+            i += 1
+        time.sleep(0.0005)
+"""
+UDP_SINK = """
+import json, socket, struct, sys, time
+host, port, mbit = sys.argv[1], int(sys.argv[2]), sys.argv[5]
+count, size = int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE: hold the whole transfer
+s.connect((host, port))
+s.settimeout(3)
+s.send(f"go {count} {size} {mbit}".encode())
+seen, first, last = set(), None, None
+try:
+    while len(seen) < count:
+        data = s.recv(4096)
+        last = time.monotonic()
+        first = first or last
+        seen.add(struct.unpack("!Q", data[:8])[0])
+except TimeoutError:
+    pass
+print(json.dumps({"got": len(seen), "seconds": (last - first) if first else None}))
+"""
+
+
+def spawn_server(lab: Lab, node: str, name: str, code: str, *args: str) -> int:
+    """Run a ``python -c`` server in ``node``; return its pid once it prints ``listening on``."""
+    log = lab.state_dir / f"{node}-{name}.log"
+    pid = lab.spawn(node, [sys.executable, "-c", code, *args], log=log)
+    deadline = time.monotonic() + 20
+    while b"listening on" not in log.read_bytes():
+        assert time.monotonic() < deadline, log.read_text()
+        assert not gone(pid), log.read_text()
+        time.sleep(0.02)
+    return pid
+
+
+def run_json(lab: Lab, node: str, code: str, *args: str) -> dict[str, object]:
+    out = lab.exec(node, [sys.executable, "-c", code, *args], timeout=60).stdout
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+def delay_pids(lab: Lab) -> dict[str, int]:
+    """Public address -> pid of the delay forwarder listening on it."""
+    procs = lab.status()["processes"]
+    assert isinstance(procs, list)
+    forwarders = [p for p in procs if p["argv"][1:3] == ["-m", "meshvpn.lab.delay"]]
+    return {p["argv"][p["argv"].index("--listen") + 1]: p["pid"] for p in forwarders}
 
 
 def fetch(lab: Lab, node: str, path: str) -> bytes:
@@ -111,6 +225,115 @@ def test_web_server_answers_bad_paths(make_lab: MakeLab) -> None:
     assert fetch(lab, "client1", "/bytes/300") == pattern(300)
 
 
+# -- the broker's namespace ---------------------------------------------------------
+
+
+def test_broker_is_reachable_from_clients_and_relays(make_lab: MakeLab) -> None:
+    lab = make_lab(1, 1)
+    broker = lab.plan.broker
+    assert lab.netns("broker") == broker.netns == f"{lab.prefix}-broker"
+    spawn_server(lab, "broker", "tcpwho", TCP_WHO, str(broker.addr), str(broker.port))
+    for node, addr in (
+        ("client1", lab.plan.client(1).uplink_addr),
+        ("relay1", lab.plan.relay(1).wan_addr),
+        ("lan1", lab.plan.relay(1).wan_addr),  # through its home router's NAT
+    ):
+        ask = [sys.executable, "-c", TCP_ASK, str(broker.addr), str(broker.port)]
+        assert lab.exec(node, ask).stdout == str(addr).encode(), node
+    # The broker is an ordinary host of the lab's internet.
+    assert fetch(lab, "broker", "/ip") == str(broker.addr).encode()
+
+
+# -- relay latency -------------------------------------------------------------------
+
+
+def test_latency_is_added_at_the_public_address(make_lab: MakeLab) -> None:
+    lab = make_lab(2, 1, latency_ms=[60, 5])
+    r1, r2 = lab.plan.relays
+    for r in (r1, r2):
+        spawn_server(lab, r.name, "echo", UDP_ECHO, *map(str, DELAY_PORTS))
+
+    def ping(addr: object, port: int = DELAY_PORTS[0]) -> tuple[float, dict[str, object]]:
+        out = run_json(lab, "client1", UDP_PING, str(addr), str(port), "5")
+        rtts = out["rtts_ms"]
+        assert isinstance(rtts, list)
+        return statistics.median(rtts), out
+
+    far, out = ping(r1.public_addr)
+    assert far >= 60, out
+    # Like a port-forwarding NAT: the relay sees the public address, the reply comes from it.
+    assert out["reply_from"] == f"{r1.public_addr}:{DELAY_PORTS[0]}"
+    assert str(out["relay_saw"]).startswith(f"{r1.public_addr}:")
+    near, out = ping(r2.public_addr)
+    assert 5 <= near < 60, out
+    far_probe, out = ping(r1.public_addr, DELAY_PORTS[1])  # the agent's probe port too
+    assert far_probe >= 60, out
+    # The WAN address is still there, without delay, and the relay sees the client itself.
+    direct, out = ping(r1.wan_addr)
+    assert direct < 60, out
+    assert str(out["relay_saw"]).startswith(f"{lab.plan.client(1).uplink_addr}:")
+
+
+def test_bulk_udp_through_a_forwarder_loses_little(make_lab: MakeLab) -> None:
+    lab = make_lab(1, 1, latency_ms=[20])
+    relay = lab.plan.relay(1)
+    spawn_server(lab, "relay1", "source", UDP_SOURCE, str(DELAY_PORTS[0]))
+    count, size, mbit = 7500, 1400, 200  # 10.5 MB, as a WireGuard download would arrive
+    args = (str(relay.public_addr), str(DELAY_PORTS[0]), str(count), str(size), str(mbit))
+    out = run_json(lab, "client1", UDP_SINK, *args)
+    got = out["got"]
+    assert isinstance(got, int)
+    assert got >= 0.99 * count, out
+    # The forwarder's own counters: nothing dropped in its queue or on sending.
+    pid = delay_pids(lab)[str(relay.public_addr)]
+    log = lab.state_dir / f"internet-delay-{relay.name}.log"
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while b"stopped:" not in log.read_bytes():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    counters = dict(kv.split("=") for kv in log.read_text().split("stopped:")[1].split())
+    assert counters["queue_full"] == counters["send_failed"] == "0", counters
+    assert int(counters["forwarded_down"]) == count, counters
+
+
+def test_latency_lab_status_load_and_down(
+    new_prefix: Callable[[], str], lab_state_root: Path
+) -> None:
+    before = root_snapshot()
+    lab = Lab(new_prefix(), lab_state_root)
+    try:
+        with pytest.raises(LocalError, match="one entry per relay"):
+            lab.up(2, 1, latency_ms=[60])
+        assert owned_namespaces(lab.prefix) == []
+        lab.up(3, 1, latency_ms=[60, None, 0])
+        other = Lab.load(lab.prefix, lab_state_root)
+        assert other.plan == lab.plan
+        assert other.plan.relay(1).latency_ms == 60
+        assert other.plan.relay(2).public_addr is None
+        status = other.status()
+        json.dumps(status)
+        assert status["broker"] == "203.0.113.2:1883"
+        assert status["latency"] == [
+            {"relay": "relay1", "public_addr": "203.0.113.101", "wan_addr": "198.51.100.2",
+             "latency_ms": 60.0},
+            {"relay": "relay3", "public_addr": "203.0.113.103", "wan_addr": "198.51.100.10",
+             "latency_ms": 0.0},
+        ]  # fmt: skip
+        forwarders = delay_pids(other)
+        assert sorted(forwarders) == ["203.0.113.101", "203.0.113.103"]
+        procs = status["processes"]
+        assert isinstance(procs, list)
+        assert all(p["alive"] for p in procs)
+        pids = [p for n in lab.plan.nodes for p in netns.netns_pids(n.netns)]
+        assert set(forwarders.values()) <= set(pids)
+        other.down()
+        assert_nothing_left(lab.prefix, lab.state_dir, pids)
+        assert root_snapshot() == before
+    finally:
+        lab.down()
+
+
 # -- sealing ------------------------------------------------------------------------
 
 
@@ -122,7 +345,7 @@ def _route_in_lab(dst: str) -> bool:
 
 
 def test_every_namespace_is_sealed(make_lab: MakeLab) -> None:
-    lab = make_lab(2, 2)
+    lab = make_lab(2, 2, latency_ms=[10, None])  # a forwarder and public address too
     for node in lab.plan.nodes:
         for family in ("-4", "-6"):
             raw = lab.exec(node.name, ["ip", "-j", family, "route", "show", "table", "all"])
@@ -278,7 +501,7 @@ Lab(sys.argv[1], Path(sys.argv[2])).up(2, 1)
             check=False,
         )
         assert proc.returncode == -9, proc.stderr
-        assert len(owned_namespaces(prefix)) == 6
+        assert len(owned_namespaces(prefix)) == 7  # internet, broker, 2 x (relay, lan), client
         lab = Lab.load(prefix, lab_state_root)
         status = lab.status()
         assert all(ns["exists"] for ns in status["namespaces"])  # type: ignore[attr-defined]
@@ -364,3 +587,8 @@ def test_corrupt_state_is_refused_by_load_and_cleaned_by_down(tmp_path: Path) ->
     assert lab_module.LabState.from_json(
         lab_module.LabState("x", 1, 0, ("x-internet",)).to_json()
     ) == lab_module.LabState("x", 1, 0, ("x-internet",))
+    with_latency = lab_module.LabState("x", 2, 0, latency_ms=(60.0, None))
+    assert lab_module.LabState.from_json(with_latency.to_json()) == with_latency
+    bad = with_latency.to_json().replace("60.0", "true")
+    with pytest.raises(ValueError, match="bad latency_ms"):
+        lab_module.LabState.from_json(bad)

@@ -1,8 +1,9 @@
-"""plan_lab: fixed addresses from the spec, and properties over every lab size."""
+"""plan_lab: fixed addresses from the spec, and properties over every lab size and latency."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
@@ -16,7 +17,9 @@ from meshvpn.lab.topology import (
     IFNAMSIZ,
     LAB_RANGES,
     MAX_CLIENTS,
+    MAX_LATENCY_MS,
     MAX_RELAYS,
+    WEB_NET,
     Role,
     owns_netns,
 )
@@ -25,6 +28,14 @@ prefixes = st.from_regex(r"[a-z][a-z0-9]{0,9}", fullmatch=True)
 relay_counts = st.integers(min_value=1, max_value=MAX_RELAYS)
 client_counts = st.integers(min_value=0, max_value=MAX_CLIENTS)
 IFNAME_RE = re.compile(r"[a-z][a-z0-9]*")
+latency = st.none() | st.floats(min_value=0, max_value=MAX_LATENCY_MS)
+
+
+@st.composite
+def lab_args(draw: st.DrawFn) -> tuple[str, int, int, list[float | None] | None]:
+    relays = draw(relay_counts)
+    latencies = draw(st.none() | st.lists(latency, min_size=relays, max_size=relays))
+    return draw(prefixes), relays, draw(client_counts), latencies
 
 
 def _in_lab(addr: IPv4Address) -> bool:
@@ -60,12 +71,46 @@ def test_small_lab_matches_the_spec() -> None:
     assert c1.uplink_addr == IPv4Address("192.0.2.2")
     assert c1.gateway == IPv4Address("192.0.2.1")
 
+    b = plan.broker
+    assert (b.name, b.netns) == ("broker", "mvlab-broker")
+    assert (b.upstream_iface, b.wan_iface) == ("bk", "wan0")
+    assert (b.addr, b.port) == (IPv4Address("203.0.113.2"), 1883)
+    assert b.upstream == IPv4Interface("203.0.113.1/30")
+    assert plan.node("broker").gateway == IPv4Address("203.0.113.1")
+    assert plan.node("broker").role is Role.BROKER
+
+    assert (r1.public_addr, r1.latency_ms) == (None, None)
+
     internet = plan.node("internet")
     assert internet.gateway is None
     assert internet.forwarding
-    assert internet.ifaces == ("r1", "r2", "c1")
+    assert internet.ifaces == ("bk", "r1", "r2", "c1")
     names = [n.name for n in plan.nodes]
-    assert names == ["internet", "relay1", "lan1", "relay2", "lan2", "client1"]
+    assert names == ["internet", "broker", "relay1", "lan1", "relay2", "lan2", "client1"]
+
+
+def test_latency_gives_relays_public_addresses() -> None:
+    plan = plan_lab("mvlab", 3, 1, [60, None, 0])
+    r1, r2, r3 = plan.relays
+    assert (r1.public_addr, r1.latency_ms) == (IPv4Address("203.0.113.101"), 60.0)
+    assert (r2.public_addr, r2.latency_ms) == (None, None)
+    assert (r3.public_addr, r3.latency_ms) == (IPv4Address("203.0.113.103"), 0.0)
+    on_lo = [a.addr for a in plan.node("internet").addrs if a.iface == "lo"]
+    assert on_lo == [
+        IPv4Interface(x) for x in ("203.0.113.80/32", "203.0.113.101/32", "203.0.113.103/32")
+    ]
+    last = plan_lab("mvlab", 62, 0, [1.0] * 62).relay(62)
+    assert last.public_addr == IPv4Address("203.0.113.162")
+
+
+@pytest.mark.parametrize(
+    "latencies",
+    [[], [1.0], [1.0, 2.0, 3.0], [-1.0, 0], [0, math.inf], [math.nan, 0], [MAX_LATENCY_MS + 1, 0],
+     [True, 0], ["5", 0], "55"],
+)  # fmt: skip
+def test_rejects_bad_latencies(latencies: list[float]) -> None:
+    with pytest.raises(LocalError):
+        plan_lab("mvlab", 2, 0, latencies)
 
 
 def test_largest_lab_fits_its_ranges() -> None:
@@ -118,6 +163,8 @@ def test_prefixes_do_not_claim_each_others_namespaces() -> None:
     assert not owns_netns("t1", "t1-relay0")
     assert not owns_netns("t1", "t1-somethingelse")
     assert not owns_netns("t1", "t1")
+    assert owns_netns("t1", "t1-broker")
+    assert not owns_netns("t1", "t1-broker1")
 
 
 # -- properties over every size ---------------------------------------------------
@@ -127,9 +174,11 @@ def _all_addrs(plan: LabPlan) -> list[IPv4Interface]:
     return [a.addr for n in plan.nodes for a in n.addrs]
 
 
-@given(prefixes, relay_counts, client_counts)
-def test_addresses_unique_and_inside_lab_ranges(prefix: str, relays: int, clients: int) -> None:
-    plan = plan_lab(prefix, relays, clients)
+@given(lab_args())
+def test_addresses_unique_and_inside_lab_ranges(
+    args: tuple[str, int, int, list[float | None] | None],
+) -> None:
+    plan = plan_lab(*args)
     addrs = _all_addrs(plan)
     assert len({a.ip for a in addrs}) == len(addrs)
     for a in addrs:
@@ -144,9 +193,9 @@ def test_addresses_unique_and_inside_lab_ranges(prefix: str, relays: int, client
             assert any(n.gateway in a.addr.network and n.gateway != a.addr.ip for a in n.addrs)
 
 
-@given(prefixes, relay_counts, client_counts)
-def test_subnets_do_not_overlap(prefix: str, relays: int, clients: int) -> None:
-    plan = plan_lab(prefix, relays, clients)
+@given(lab_args())
+def test_subnets_do_not_overlap(args: tuple[str, int, int, list[float | None] | None]) -> None:
+    plan = plan_lab(*args)
     # A veth pair shares one subnet; distinct pairs never overlap.
     subnets = []
     for v in plan.veths:
@@ -155,15 +204,21 @@ def test_subnets_do_not_overlap(prefix: str, relays: int, clients: int) -> None:
         assert a.network == b.network
         subnets.append(a.network)
     subnets.append(IPv4Network(f"{plan.web_addr}/32"))
+    publics = [r.public for r in plan.relays if r.public is not None]
+    subnets += [p.network for p in publics]
     for x, y in itertools.combinations(subnets, 2):
         assert not x.overlaps(y), (x, y)
+    # Every address on the internet's loopback is one of those: the web server's or a public one.
+    on_lo = {a.addr for a in plan.node("internet").addrs if a.iface == "lo"}
+    assert on_lo == {plan.internet.web, *publics}
+    assert all(p.network.subnet_of(WEB_NET) and p.network.prefixlen == 32 for p in publics)
 
 
 @given(prefixes, relay_counts, client_counts)
 def test_names_valid(prefix: str, relays: int, clients: int) -> None:
     plan = plan_lab(prefix, relays, clients)
     nodes = [n.name for n in plan.nodes]
-    assert len(set(nodes)) == len(nodes) == 1 + 2 * relays + clients
+    assert len(set(nodes)) == len(nodes) == 2 + 2 * relays + clients  # + internet, broker
     assert [n.netns for n in plan.nodes] == [f"{prefix}-{n}" for n in nodes]
     for n in plan.nodes:
         assert owns_netns(prefix, n.netns)
@@ -178,9 +233,10 @@ def test_names_valid(prefix: str, relays: int, clients: int) -> None:
     assert sorted(ends) == sorted((n.name, i) for n in plan.nodes for i in n.ifaces)
 
 
-@given(prefixes, relay_counts, client_counts)
-def test_roles_and_views_agree(prefix: str, relays: int, clients: int) -> None:
-    plan = plan_lab(prefix, relays, clients)
+@given(lab_args())
+def test_roles_and_views_agree(args: tuple[str, int, int, list[float | None] | None]) -> None:
+    _, relays, clients, latencies = args
+    plan = plan_lab(*args)
     assert len(plan.relays) == len(plan.lans) == relays
     assert len(plan.clients) == clients
     for r in plan.relays:
@@ -191,11 +247,19 @@ def test_roles_and_views_agree(prefix: str, relays: int, clients: int) -> None:
         assert plan.lan(r.index).gateway == r.lan_addr
         assert r.wan.network == r.upstream.network
         assert r.wan.network.prefixlen == 30
+        wanted = None if latencies is None else latencies[r.index - 1]
+        assert r.latency_ms == wanted
+        assert (r.public_addr is None) == (wanted is None)
     for c in plan.clients:
         node = plan.node(c.name)
         assert node.role is Role.CLIENT
         assert not node.forwarding
         assert node.gateway == c.gateway
         assert c.uplink.network == c.upstream.network
+    broker = plan.node("broker")
+    assert broker.role is Role.BROKER
+    assert not broker.forwarding
+    assert broker.gateway == plan.broker.gateway
+    assert plan.broker.wan.network == plan.broker.upstream.network
     # Only the internet has no default route: nothing leaves the lab.
     assert [n.name for n in plan.nodes if n.gateway is None] == ["internet"]
