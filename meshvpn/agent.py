@@ -191,7 +191,10 @@ class Agent:
             finally:
                 await self.teardown()
         except MeshvpnError as exc:
-            _report_ready(self.opts.ready_fd, {"ok": False, "error": exc.one_line()})
+            _report_ready(
+                self.opts.ready_fd,
+                {"ok": False, "error": exc.one_line(), "exit_code": exc.exit_code},
+            )
             raise
         finally:
             self.lock.release()

@@ -12,11 +12,9 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import signal
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, NoReturn
 
 from meshvpn.errors import LocalError
 
@@ -71,8 +69,8 @@ def mosquitto_binary() -> str:
     return found
 
 
-def run_broker(cfg: BrokerConfig) -> int:
-    """Run mosquitto in the foreground until it exits or we are signalled."""
+def run_broker(cfg: BrokerConfig) -> NoReturn:
+    """Write the configuration, then replace this process with mosquitto."""
     binary = mosquitto_binary()
     try:
         cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -85,17 +83,9 @@ def run_broker(cfg: BrokerConfig) -> int:
             f"cannot write broker state in {cfg.state_dir}: {exc.strerror}",
             "pick another --state-dir",
         ) from None
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdin=subprocess.DEVNULL)
-
-    def forward(signum: int, _frame: object) -> None:
-        proc.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    code = proc.wait()
-    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
-        raise LocalError(f"mosquitto exited with code {code}", "see the lines above")
-    return 0
+    # Become mosquitto: signals, exit status and supervision (systemd, the lab)
+    # then reach the broker itself, with no wrapper to orphan it.
+    os.execv(binary, [binary, "-c", str(conf)])  # noqa: S606
 
 
 def default_state_dir() -> Path:

@@ -215,7 +215,7 @@ def _spawn_detached(state_dir: Path, argv: list[str], timeout: float) -> int:
     if not answer.get("ok"):
         proc.wait(timeout=15)
         print(answer.get("error", "error: the agent failed"), file=sys.stderr)
-        return 5 if "did not answer" in str(answer.get("error")) else 1
+        return int(answer.get("exit_code", 1))
     relay = answer.get("relay", {}).get("endpoint")
     print(
         f"connected through {relay} as {answer.get('address')} on {answer.get('interface')}"

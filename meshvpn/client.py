@@ -309,6 +309,11 @@ class ClientAgent(Agent):
             for rule in plan.rules:
                 self.footprint.will_add_rule(rule)
                 await nl.rule_add(rule)
+        if self.link is not None:
+            # The broker connection was made over the uplink; from now on its packets
+            # would go into the tunnel with the uplink's source and be dropped. Start
+            # a new one, which runs inside the tunnel like all other traffic.
+            self.link.reconnect()
 
     async def _await_handshake(self) -> None:
         assert self.device is not None  # noqa: S101

@@ -34,6 +34,10 @@ Handler = Callable[[str, bytes], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
 
 
+class _Reconnect(aiomqtt.MqttError):
+    """Raised inside run() to leave the connection on purpose."""
+
+
 @dataclass(frozen=True)
 class BrokerAddress:
     host: str
@@ -86,6 +90,7 @@ class ControlLink:
         self.connected = asyncio.Event()
         self.outages = 0
         self.handler_errors = 0
+        self._kicked = asyncio.Event()
 
     def _new_client(self) -> aiomqtt.Client:
         will = (
@@ -118,15 +123,9 @@ class ControlLink:
                     delay = BACKOFF_START
                     if self.on_connect is not None:
                         await self.on_connect()
-                    async for message in client.messages:
-                        payload = message.payload
-                        data = payload if isinstance(payload, bytes | bytearray) else b""
-                        try:
-                            await self.handler(str(message.topic), bytes(data))
-                        except Exception:  # hostile input must never take the agent down
-                            self.handler_errors += 1
-                            if self.handler_errors == 1:
-                                log.exception("a message handler failed; counting further failures")
+                    await self._serve(client)
+            except _Reconnect:
+                log.info("reconnecting to broker %s", self.broker)
             except aiomqtt.MqttError as exc:
                 if self.connected.is_set() or self.outages == 0:
                     log.warning("broker %s unreachable (%s); retrying", self.broker, exc)
@@ -134,8 +133,45 @@ class ControlLink:
             finally:
                 self._client = None
                 self.connected.clear()
+            if self._kicked.is_set():
+                self._kicked.clear()
+                continue  # asked to reconnect: at once, no backoff
             await asyncio.sleep(delay)
             delay = min(BACKOFF_MAX, delay * 2)
+
+    def reconnect(self) -> None:
+        """Drop the connection and make a new one now, e.g. after the host's routes changed."""
+        self._kicked.set()
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        """Read messages until the connection fails or reconnect() is called."""
+        failure: list[aiomqtt.MqttError] = []
+        async with asyncio.TaskGroup() as tasks:
+            reader = tasks.create_task(self._read(client, failure))
+            kicked = tasks.create_task(self._kicked.wait())
+            await asyncio.wait([reader, kicked], return_when=asyncio.FIRST_COMPLETED)
+            reader.cancel()
+            kicked.cancel()
+        if failure:
+            raise failure[0]
+        raise _Reconnect
+
+    async def _read(self, client: aiomqtt.Client, failure: list[aiomqtt.MqttError]) -> None:
+        try:
+            await self._dispatch(client)
+        except aiomqtt.MqttError as exc:
+            failure.append(exc)
+
+    async def _dispatch(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            data = payload if isinstance(payload, bytes | bytearray) else b""
+            try:
+                await self.handler(str(message.topic), bytes(data))
+            except Exception:  # hostile input must never take the agent down
+                self.handler_errors += 1
+                if self.handler_errors == 1:
+                    log.exception("a message handler failed; counting further failures")
 
     async def publish(
         self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1

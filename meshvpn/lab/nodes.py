@@ -66,7 +66,37 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def start_relay(lab: Lab, index: int, *extra: str) -> dict[str, Any]:
+def broker_address(lab: Lab) -> str:
+    return f"{lab.plan.broker.addr}:{lab.plan.broker.port}"
+
+
+def start_broker(lab: Lab) -> int:
+    """mosquitto via `meshvpn broker` in the lab's broker namespace; returns its pid."""
+    sd = node_state_dir(lab, "broker")
+    sd.mkdir(parents=True, exist_ok=True)
+    argv = meshvpn_argv("broker", "--listen", broker_address(lab), "--state-dir", str(sd))
+    pid = lab.spawn("broker", argv, log=sd / "broker.log")
+    target = (str(lab.plan.broker.addr), lab.plan.broker.port)
+    probe = f"import socket; socket.create_connection({target!r}, 1).close()"
+    deadline = time.monotonic() + AGENT_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if lab.exec("broker", [sys.executable, "-c", probe], check=False).returncode == 0:
+            return pid
+        if not _pid_alive(pid):
+            break
+        time.sleep(0.1)
+    tail = (sd / "broker.log").read_text(errors="replace").strip().splitlines()[-1:]
+    raise LocalError(f"the lab's broker did not start: {' '.join(tail) or 'no log'}")
+
+
+def relay_endpoint(lab: Lab, index: int) -> str:
+    """What clients dial: the relay's public (latency) address if it has one, else its WAN."""
+    relay = lab.plan.relay(index)
+    host = relay.public_addr if relay.public_addr is not None else relay.wan_addr
+    return f"{host}:{RELAY_PORT}"
+
+
+def start_relay(lab: Lab, index: int, *extra: str, broker: bool = False) -> dict[str, Any]:
     node = f"relay{index}"
     meshvpn(lab, node, "init")
     sd = node_state_dir(lab, node)
@@ -74,11 +104,13 @@ def start_relay(lab: Lab, index: int, *extra: str) -> dict[str, Any]:
         "relay", "--state-dir", str(sd), "--interface", node_ifname(lab, node),
         "--listen-port", str(RELAY_PORT), *extra,
     )  # fmt: skip
+    if broker:
+        argv += ["--broker", broker_address(lab), "--endpoint", relay_endpoint(lab, index)]
     pid = lab.spawn(node, argv, log=sd / "agent.log")
     deadline = time.monotonic() + AGENT_START_TIMEOUT
     while time.monotonic() < deadline:
         status = node_status(lab, node)
-        if status is not None:
+        if status is not None and (not broker or status["counters"].get("announcements")):
             return status
         if not _pid_alive(pid):
             break
@@ -87,15 +119,23 @@ def start_relay(lab: Lab, index: int, *extra: str) -> dict[str, Any]:
     raise LocalError(f"{node}: the relay agent did not start: {' '.join(log_tail) or 'no log'}")
 
 
+def discover_and_connect(lab: Lab, index: int, *extra: str, check: bool = True) -> str:
+    """`meshvpn connect --broker` from a client: it finds, probes and negotiates."""
+    node = f"client{index}"
+    meshvpn(lab, node, "init")
+    argv = ["connect", "--broker", broker_address(lab), "--interface", node_ifname(lab, node)]
+    return meshvpn(lab, node, *argv, *extra, check=check)
+
+
 def connect_client(lab: Lab, index: int, relay_index: int, *extra: str) -> dict[str, Any]:
     node, relay = f"client{index}", f"relay{relay_index}"
     meshvpn(lab, node, "init")
     key = json.loads(meshvpn(lab, node, "id", "--json"))["wireguard_public_key"]
     grant = json.loads(meshvpn(lab, relay, "admit", key, "--json"))
-    wan = lab.plan.relays[relay_index - 1].wan_addr
     meshvpn(
-        lab, node, "connect", "--relay", f"{wan}:{RELAY_PORT}", "--relay-key", grant["relay_key"],
-        "--address", grant["address"], "--interface", node_ifname(lab, node), *extra,
+        lab, node, "connect", "--relay", relay_endpoint(lab, relay_index),
+        "--relay-key", grant["relay_key"], "--address", grant["address"],
+        "--interface", node_ifname(lab, node), *extra,
     )  # fmt: skip
     status = node_status(lab, node)
     if status is None:
@@ -117,15 +157,16 @@ def fetch(lab: Lab, node: str, path: str, timeout: float = 60) -> bytes:
     return proc.stdout
 
 
-def up(prefix: str, relays: int, clients: int) -> Lab:
-    """The whole single-hop lab: network, relays with exit, connected clients."""
+def up(prefix: str, relays: int, clients: int, latency_ms: list[float] | None = None) -> Lab:
+    """The whole lab: network, broker, announcing relays, clients that discover them."""
     lab = Lab(prefix)
-    lab.up(relays, clients)
+    lab.up(relays, clients, latency_ms=latency_ms)
     try:
+        start_broker(lab)
         for i in range(1, relays + 1):
-            start_relay(lab, i)
+            start_relay(lab, i, broker=True)
         for j in range(1, clients + 1):
-            connect_client(lab, j, (j - 1) % relays + 1)
+            discover_and_connect(lab, j)
     except BaseException:
         lab.down()
         raise
@@ -135,26 +176,45 @@ def up(prefix: str, relays: int, clients: int) -> Lab:
 # ---- CLI -------------------------------------------------------------------
 
 
+def _parse_latency(text: str | None, relays: int) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise LocalError(
+            f"bad --latency {text!r}", "give one number of ms per relay, e.g. 40,10,25"
+        ) from None
+    if len(values) != relays:
+        raise LocalError(
+            f"--latency has {len(values)} values for {relays} relays", "give one per relay"
+        )
+    return values
+
+
+def _describe(lab: Lab) -> None:
+    print(f"  broker   {broker_address(lab)} (mosquitto) in `broker`")
+    for r in lab.plan.relays:
+        extra = f", {r.latency_ms:g} ms away at {r.public_addr}" if r.latency_ms is not None else ""
+        print(f"  {r.name:<8} WAN {r.wan_addr}  LAN {r.lan_net}{extra}")
+    for c in lab.plan.clients:
+        status = node_status(lab, c.name) or {}
+        via = (status.get("relay") or {}).get("endpoint", "?")
+        print(f"  {c.name:<8} uplink {c.uplink_addr}  tunnel {status.get('address')} via {via}")
+    print(f"  web      http://{lab.plan.internet.web_addr}/ip in `internet`")
+
+
 def cli(args: argparse.Namespace) -> int:
     if args.lab_command == "up":
-        lab = up(args.prefix, args.relays, args.clients)
+        lab = up(args.prefix, args.relays, args.clients, _parse_latency(args.latency, args.relays))
         print(f"lab {args.prefix} is up: {args.relays} relay(s), {args.clients} client(s)")
-        for r in lab.plan.relays:
-            print(
-                f"  {r.name:<8} WAN {r.wan_addr}  LAN {r.lan_net}"
-                f"  WireGuard {node_ifname(lab, r.name)}"
-            )
-        for c in lab.plan.clients:
-            print(
-                f"  {c.name:<8} uplink {c.uplink_addr}"
-                f"  connected through relay{(c.index - 1) % args.relays + 1}"
-            )
-        print(f"  web server http://{lab.plan.internet.web_addr}/ip in `internet`")
+        _describe(lab)
         print(
-            'try: meshvpn lab exec client1 -- python3 -c "import urllib.request as u;'
+            f"try: meshvpn lab exec --prefix {args.prefix} client1 -- python3 -c"
+            ' "import urllib.request as u;'
             f" print(u.urlopen('http://{lab.plan.internet.web_addr}/ip').read().decode())\""
         )
-        print("then: meshvpn lab down")
+        print(f"then: meshvpn lab down --prefix {args.prefix}")
         return 0
     if args.lab_command == "down":
         try:
@@ -179,7 +239,7 @@ def cli(args: argparse.Namespace) -> int:
                 print(f"{node:<10} {lab.netns(node):<20} {state}")
         return 0
     if args.lab_command == "exec":
-        cmd = [c for c in args.cmd if c != "--"] if args.cmd[:1] == ["--"] else args.cmd
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
             raise LocalError(
                 "lab exec needs a command", "e.g. `meshvpn lab exec client1 -- ip addr`"
@@ -188,20 +248,32 @@ def cli(args: argparse.Namespace) -> int:
     raise LocalError(f"unknown lab command {args.lab_command}")
 
 
+DEMO_LATENCY = [40.0, 8.0, 20.0]
+
+
 def demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    print("building the lab: an internet with a web server, a home-router relay, a client ...")
-    lab = up(args.prefix, 1, 1)
+    print(
+        "building the lab: an internet with a web server, an MQTT broker, three home-router"
+        f" relays {', '.join(f'{ms:g}' for ms in DEMO_LATENCY)} ms away, and a client ..."
+    )
+    lab = up(args.prefix, len(DEMO_LATENCY), 1, DEMO_LATENCY)
+    ok = False
     try:
-        relay, client = lab.plan.relays[0], lab.plan.clients[0]
+        status = node_status(lab, "client1") or {}
+        relay = status.get("relay") or {}
+        names = {node_status(lab, r.name)["node_id"]: r for r in lab.plan.relays}  # type: ignore[index]
+        chosen = names[relay["node_id"]]
         print(
-            f"client1 ({client.uplink_addr}) is connected through relay1 ({relay.wan_addr})"
+            f"client1 knew only the broker; it found {status['directory']['relays']} relays,"
+            f" probed them and connected through {chosen.name} ({relay['rtt_ms']} ms, the nearest)"
             f" in {time.monotonic() - started:.1f} s"
         )
         seen = fetch(lab, "client1", "/ip").decode()
+        ok = seen == str(chosen.wan_addr)
         print(
             f"client1 fetched http://{lab.plan.internet.web_addr}/ip; the server saw: {seen}"
-            f" ({'relay1, as it should' if seen == str(relay.wan_addr) else 'NOT the relay!'})"
+            f" ({chosen.name + ', as it should' if ok else 'NOT the relay!'})"
         )
         t0 = time.monotonic()
         body = fetch(lab, "client1", "/bytes/10000000")
@@ -210,10 +282,10 @@ def demo(args: argparse.Namespace) -> int:
             f"client1 downloaded {len(body):,} bytes through the tunnel in {secs:.2f} s"
             f" ({len(body) * 8 / secs / 1e6:.0f} Mbit/s)"
         )
-        status = node_status(lab, "relay1") or {}
-        for peer in status.get("peers", []):
+        relay_status = node_status(lab, chosen.name) or {}
+        for peer in relay_status.get("peers", []):
             print(
-                f"relay1 counted for client {peer['address']}: rx {peer['rx_bytes']:,} B,"
+                f"{chosen.name} counted for client {peer['address']}: rx {peer['rx_bytes']:,} B,"
                 f" tx {peer['tx_bytes']:,} B"
             )
         if args.keep:
@@ -221,13 +293,13 @@ def demo(args: argparse.Namespace) -> int:
                 f"lab left up; `meshvpn lab status --prefix {args.prefix}`,"
                 f" `meshvpn lab down --prefix {args.prefix}`"
             )
-            return 0 if seen == str(relay.wan_addr) else 1
+            return 0 if ok else 1
     except BaseException:
         lab.down()
         raise
     lab.down()
     print("lab torn down; nothing left behind")
-    return 0 if seen == str(relay.wan_addr) else 1
+    return 0 if ok else 1
 
 
 def add_lab_parsers(
@@ -256,6 +328,11 @@ def add_lab_parsers(
     )
     p.add_argument(
         "--clients", type=int, default=1, help="clients, each connected (default: %(default)s)"
+    )
+    p.add_argument(
+        "--latency",
+        metavar="MS,MS,...",
+        help="round-trip latency added in front of each relay, e.g. 40,10,25 (default: none)",
     )
     p = lab_sub.add_parser("status", parents=[common], help="namespaces and agents of the lab")
     p.add_argument("--json", action="store_true")

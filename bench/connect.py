@@ -1,0 +1,82 @@
+"""Connect time: `meshvpn connect` to the first byte through the tunnel.
+
+Side by side in one run, on the same lab:
+- by hand: `connect --relay/--relay-key/--address` (no discovery), the baseline;
+- discovery: `connect --broker` (directory, probes, Noise negotiation), cold
+  (the first connect of a fresh client) and warm (reconnects).
+Each figure is the median over the runs with min and max; the ratio is
+discovery over by-hand. Run as root: `python bench/connect.py [--runs N] [--quick]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from meshvpn.lab import Lab
+from meshvpn.lab.nodes import (
+    connect_client,
+    discover_and_connect,
+    fetch,
+    meshvpn,
+    start_broker,
+    start_relay,
+)
+
+
+def timed_connect(lab: Lab, client: int, how: str) -> float:
+    t0 = time.monotonic()
+    if how == "hand":
+        connect_client(lab, client, 2)
+    else:
+        discover_and_connect(lab, client)
+    fetch(lab, f"client{client}", "/ip")
+    return time.monotonic() - t0
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    return {
+        "median_s": round(statistics.median(samples), 4),
+        "min_s": round(min(samples), 4),
+        "max_s": round(max(samples), 4),
+        "runs": len(samples),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="one run each (smoke test)")
+    parser.add_argument("--out", type=Path, help="write the JSON result here too")
+    args = parser.parse_args()
+    runs = 1 if args.quick else args.runs
+    results: dict[str, list[float]] = {"hand": [], "discovery_cold": [], "discovery_warm": []}
+    with Lab(f"bc{int(time.time()) % 10000}") as lab:
+        lab.up(3, 2, latency_ms=[30.0, 5.0, 15.0])
+        start_broker(lab)
+        for i in (1, 2, 3):
+            start_relay(lab, i, broker=True)
+        for _ in range(runs):
+            results["hand"].append(timed_connect(lab, 1, "hand"))
+            meshvpn(lab, "client1", "disconnect")
+        results["discovery_cold"].append(timed_connect(lab, 2, "broker"))
+        meshvpn(lab, "client2", "disconnect")
+        for _ in range(runs):
+            results["discovery_warm"].append(timed_connect(lab, 2, "broker"))
+            meshvpn(lab, "client2", "disconnect")
+    report = {name: summary(s) for name, s in results.items()}
+    report["ratio_discovery_warm_to_hand"] = round(
+        report["discovery_warm"]["median_s"] / report["hand"]["median_s"], 2
+    )
+    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
