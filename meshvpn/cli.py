@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
 import os
 import select
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -169,33 +169,66 @@ def _connect_options(args: argparse.Namespace) -> Any:  # noqa: ANN401
     )
 
 
-def cmd_connect(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_connect(args: argparse.Namespace) -> int:
     from meshvpn.client import ClientAgent  # noqa: PLC0415
 
     opts = _connect_options(args)
     if args.foreground:
         return _run_agent(ClientAgent(opts).run())
     load_identity(opts.state_dir)  # fail here, in the user's terminal, if keys are bad
-    return _spawn_detached(opts.state_dir, [*argv, "--foreground"], args.timeout + 15)
+    return _run_detached(opts, args.timeout + 15)
 
 
-def _spawn_detached(state_dir: Path, argv: list[str], timeout: float) -> int:
-    """Start the agent in the background and wait for it to say ready or why not."""
+def _run_detached(opts: Any, timeout: float) -> int:  # noqa: ANN401 - ClientOptions
+    """Fork: the child becomes the agent in its own session, the parent waits for
+    it to say ready (or why not) on a pipe. Forking, rather than starting a new
+    interpreter, saves the agent a second Python start-up on every connect."""
+    import dataclasses  # noqa: PLC0415
+
+    from meshvpn.client import ClientAgent  # noqa: PLC0415
+
+    log_path = opts.state_dir / "agent.log"
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     read_end, write_end = os.pipe()
-    log_path = state_dir / "agent.log"
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "meshvpn", *argv, "--ready-fd", str(write_end)],
-            pass_fds=(write_end,),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
+    pid = os.fork()
+    if pid == 0:  # the agent
+        os.close(read_end)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        code = 1
+        try:
+            code = _run_agent(ClientAgent(dataclasses.replace(opts, ready_fd=write_end)).run())
+        except MeshvpnError as exc:
+            print(exc.one_line(), file=sys.stderr)
+            code = exc.exit_code
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
     os.close(write_end)
+    os.close(log_fd)
+    answer = _read_ready(read_end, timeout)
+    if answer is None:
+        _stop_child(pid)
+        raise LocalError(f"the agent did not report ready within {timeout:g} s", f"see {log_path}")
+    if not answer.get("ok"):
+        _stop_child(pid, signal_first=False)
+        print(answer.get("error", "error: the agent failed"), file=sys.stderr)
+        return int(answer.get("exit_code", 1))
+    relay = answer.get("relay", {}).get("endpoint")
+    print(
+        f"connected through {relay} as {answer.get('address')} on {answer.get('interface')}"
+        f" (agent pid {pid}); `meshvpn status` for details, `meshvpn disconnect` to stop"
+    )
+    return 0
+
+
+def _read_ready(fd: int, timeout: float) -> dict[str, Any] | None:
     line = b""
     deadline = time.monotonic() + timeout
-    with os.fdopen(read_end, "rb") as pipe:
+    with os.fdopen(fd, "rb") as pipe:
         while time.monotonic() < deadline and not line.endswith(b"\n"):
             ready, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
@@ -207,21 +240,18 @@ def _spawn_detached(state_dir: Path, argv: list[str], timeout: float) -> int:
     try:
         answer = json.loads(line) if line else None
     except ValueError:
-        answer = None
-    if answer is None:
-        if proc.poll() is None:
-            proc.terminate()
-        raise LocalError(f"the agent did not report ready within {timeout:g} s", f"see {log_path}")
-    if not answer.get("ok"):
-        proc.wait(timeout=15)
-        print(answer.get("error", "error: the agent failed"), file=sys.stderr)
-        return int(answer.get("exit_code", 1))
-    relay = answer.get("relay", {}).get("endpoint")
-    print(
-        f"connected through {relay} as {answer.get('address')} on {answer.get('interface')}"
-        f" (agent pid {proc.pid}); `meshvpn status` for details, `meshvpn disconnect` to stop"
-    )
-    return 0
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _stop_child(pid: int, *, signal_first: bool = True) -> None:
+    import signal  # noqa: PLC0415
+
+    if signal_first:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -547,8 +577,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        if args.command == "connect":
-            return cmd_connect(args, argv)  # it re-runs itself detached with the same argv
         code = int(args.func(args))
     except MeshvpnError as exc:
         print(exc.one_line(), file=sys.stderr)

@@ -27,7 +27,16 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from meshvpn.agent import CLIENT_KEEPALIVE, TUNNEL_MTU, Agent, CommonOptions, ipv6_enabled
-from meshvpn.directory import ANNOUNCE_PREFIX, Directory, Entry, choose, reply_topic, session_topic
+from meshvpn.directory import (
+    ANNOUNCE_PREFIX,
+    TIE_MS,
+    Directory,
+    Entry,
+    choose,
+    reply_topic,
+    session_topic,
+    sync_topic,
+)
 from meshvpn.errors import LocalError, RemoteError
 from meshvpn.footprint import write_sysctl
 from meshvpn.handshake import PendingRequest, open_request
@@ -35,16 +44,16 @@ from meshvpn.identity import PublicKey
 from meshvpn.messages import STATUS_NAMES, MessageError, SessionGrant, SessionRequest
 from meshvpn.mqtt import BrokerAddress, ControlLink
 from meshvpn.netconf import Netlink
-from meshvpn.probe import ProbeSent, check_reply, make_request
+from meshvpn.probe import ProbeSent, check_reply, make_request, reply_nonce
 from meshvpn.tunnel import DEFAULT_FWMARK, full_tunnel
 from meshvpn.wireguard.model import Endpoint, PeerSpec
 
 log = logging.getLogger("meshvpn.client")
 
-GATHER_QUIET_S: Final = 0.3
-GATHER_MAX_S: Final = 2.0
+GATHER_MAX_S: Final = 3.0
 PROBE_CANDIDATES: Final = 8
-PROBES_EACH: Final = 3
+PROBES_EACH: Final = 2
+PROBE_SPACING_S: Final = 0.005
 PROBE_TIMEOUT_S: Final = 1.0
 GRANT_TIMEOUT_S: Final = 5.0
 MAX_ATTEMPTS: Final = 3
@@ -82,41 +91,58 @@ class Chosen:
 
 
 class _ProbeClient(asyncio.DatagramProtocol):
-    def __init__(self, sent: list[tuple[ProbeSent, float]], rtts: list[float]) -> None:
-        self.sent = sent
-        self.rtts = rtts
-        self.all_answered = asyncio.Event()
+    """Collects authenticated probe replies; wakes the prober on every new answer."""
+
+    def __init__(self) -> None:
+        # by nonce: a multi-homed relay may answer from another address than we asked
+        self.sent: dict[bytes, tuple[str, ProbeSent, float]] = {}
+        self.rtts: dict[str, float] = {}
+        self.answer = asyncio.Event()
 
     def datagram_received(self, data: bytes, _addr: tuple[str | Any, int]) -> None:
         received = time.monotonic()
-        for probe, at in self.sent:
-            if check_reply(probe, data):
-                self.rtts.append((received - at) * 1000)
-        if len(self.rtts) >= PROBES_EACH:
-            self.all_answered.set()
+        found = self.sent.get(reply_nonce(data))
+        if found is not None and check_reply(found[1], data):
+            node_id, _, at = found
+            rtt = (received - at) * 1000
+            self.rtts[node_id] = min(rtt, self.rtts.get(node_id, rtt))
+            self.answer.set()
 
 
-async def probe_rtt(entry: Entry) -> float | None:
-    """Best of a few authenticated probes, in ms; None if the relay never answered."""
-    ann = entry.announcement
-    host, _ = ann.endpoints[0]
-    sent: list[tuple[ProbeSent, float]] = []
-    rtts: list[float] = []
+async def probe_all(candidates: list[Entry]) -> dict[str, float]:
+    """RTT in ms of each relay that answered, probing all of them at once.
+
+    Waiting stops as soon as no unanswered relay could still win: one that has
+    not answered ``TIE_MS`` after the best one did is slower than the best.
+    """
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(
-        lambda: _ProbeClient(sent, rtts), remote_addr=(str(host), ann.probe_port)
+        _ProbeClient, local_addr=("0.0.0.0", 0)  # noqa: S104 - an ephemeral client port
     )
+    start = loop.time()
     try:
         for _ in range(PROBES_EACH):
-            wire, probe = make_request(ann.control_key, now_ms())
-            sent.append((probe, time.monotonic()))
-            transport.sendto(wire)
-            await asyncio.sleep(0.03)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(protocol.all_answered.wait(), PROBE_TIMEOUT_S)
+            for entry in candidates:
+                ann = entry.announcement
+                host = str(ann.endpoints[0][0])
+                wire, probe = make_request(ann.control_key, now_ms())
+                protocol.sent[probe.nonce] = (entry.node_id, probe, time.monotonic())
+                transport.sendto(wire, (host, ann.probe_port))
+            await asyncio.sleep(PROBE_SPACING_S)
+        deadline = start + PROBE_TIMEOUT_S
+        while len(protocol.rtts) < len(candidates):
+            wait = deadline - loop.time()
+            if protocol.rtts:
+                settled = start + (min(protocol.rtts.values()) + TIE_MS) / 1000 + PROBE_SPACING_S
+                wait = min(wait, settled - loop.time())
+            if wait <= 0:
+                break
+            protocol.answer.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(protocol.answer.wait(), wait)
     finally:
         transport.close()
-    return min(rtts) if rtts else None
+    return dict(protocol.rtts)
 
 
 class ClientAgent(Agent):
@@ -145,7 +171,9 @@ class ClientAgent(Agent):
         self.link = ControlLink(
             opts.broker,
             name=f"client-{self.identity.node_id}",
-            subscriptions=[ANNOUNCE_PREFIX + "+"],
+            # QoS 0: announcements are refreshed anyway, and QoS 0 is not held
+            # back by the broker's in-flight window when thousands are retained.
+            subscriptions=[(ANNOUNCE_PREFIX + "+", 0)],
             handler=self._on_message,
         )
         self.spawn(self.link.run())
@@ -160,16 +188,26 @@ class ClientAgent(Agent):
         self.chosen = await self._find_relay()
 
     async def _gather(self) -> None:
-        """Retained announcements arrive in a burst after subscribing: wait for it to end."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        seen = -1
-        while loop.time() - start < GATHER_MAX_S:
-            count = self.directory.accepted + sum(self.directory.rejected.values())
-            if count == seen and count > 0:
-                return
-            seen = count
-            await asyncio.sleep(GATHER_QUIET_S)
+        """Wait until the broker has sent every retained announcement.
+
+        The broker answers a subscription with its retained messages, in order,
+        before anything published later on the same connection. So we publish a
+        message to a topic of our own and wait for it to come back: when it
+        does, the directory is complete, with no guessing at quiet periods.
+        """
+        assert self.link is not None  # noqa: S101 - only with a broker
+        topic = sync_topic(os.urandom(8))
+        echoed: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[topic] = echoed
+        try:
+            if await self.link.subscribe(topic, qos=0) and await self.link.publish(
+                topic, b"sync", qos=0
+            ):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(echoed, GATHER_MAX_S)
+        finally:
+            self._pending.pop(topic, None)
+            await self.link.unsubscribe(topic)
 
     async def _find_relay(self) -> Chosen:
         opts = self.opts
@@ -182,8 +220,7 @@ class ClientAgent(Agent):
                 " none of them an exit with room that fits --exit-region/--max-price",
                 "try again later or relax the filters",
             )
-        results = await asyncio.gather(*(probe_rtt(e) for e in candidates))
-        rtts = {e.node_id: r for e, r in zip(candidates, results, strict=True) if r is not None}
+        rtts = await probe_all(candidates)
         for entry in candidates:
             rtt = rtts.get(entry.node_id)
             log.info(

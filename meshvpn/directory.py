@@ -39,6 +39,11 @@ def reply_topic(token: bytes) -> str:
     return f"{TOPIC_ROOT}/reply/{token.hex()}"
 
 
+def sync_topic(token: bytes) -> str:
+    """A client's own topic, to learn when the broker has sent all retained messages."""
+    return f"{TOPIC_ROOT}/sync/{token.hex()}"
+
+
 @dataclass(frozen=True)
 class Entry:
     signed: Signed

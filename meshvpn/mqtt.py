@@ -75,7 +75,7 @@ class ControlLink:
         broker: BrokerAddress,
         *,
         name: str,
-        subscriptions: list[str],
+        subscriptions: list[tuple[str, int]],  # (topic filter, QoS)
         handler: Handler,
         will: WillMessage | None = None,
         on_connect: Hook | None = None,
@@ -115,8 +115,8 @@ class ControlLink:
             try:
                 async with self._new_client() as client:
                     self._client = client
-                    for topic in self.subscriptions:
-                        await client.subscribe(topic, qos=1)
+                    for topic, qos in self.subscriptions:
+                        await client.subscribe(topic, qos=qos)
                     self.connected.set()
                     if self.outages:
                         log.info("broker %s is back", self.broker)
@@ -185,20 +185,19 @@ class ControlLink:
             return False
         return True
 
-    async def subscribe(self, topic: str) -> bool:
+    async def subscribe(self, topic: str, qos: int = 1) -> bool:
         client = self._client
         if client is None:
             return False
         try:
-            await client.subscribe(topic, qos=1, timeout=5)
+            await client.subscribe(topic, qos=qos, timeout=5)
         except aiomqtt.MqttError:
             return False
-        self.subscriptions.append(topic)
+        self.subscriptions.append((topic, qos))
         return True
 
     async def unsubscribe(self, topic: str) -> None:
-        if topic in self.subscriptions:
-            self.subscriptions.remove(topic)
+        self.subscriptions = [(t, q) for t, q in self.subscriptions if t != topic]
         client = self._client
         if client is not None:
             try:

@@ -74,6 +74,11 @@ def make_request(relay_control: PublicKey, now_ms: int) -> tuple[bytes, ProbeSen
     return wire.ljust(REQUEST_LEN, b"\0"), ProbeSent(nonce, key, now_ms)
 
 
+def reply_nonce(wire: bytes) -> bytes:
+    """The nonce a reply claims to answer (unverified: look it up, then check_reply)."""
+    return wire[4:20]
+
+
 def check_reply(sent: ProbeSent, wire: bytes) -> bool:
     if len(wire) != REPLY_LEN or not wire.startswith(REP_MAGIC):
         return False

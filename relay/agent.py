@@ -202,7 +202,7 @@ class RelayAgent(Agent):
             self.link = ControlLink(
                 self.opts.broker,
                 name=f"relay-{self.identity.node_id}",
-                subscriptions=[session_topic(self.identity.node_id)],
+                subscriptions=[(session_topic(self.identity.node_id), 1)],
                 handler=self._on_message,
                 will=WillMessage(announce_topic(self.identity.node_id), b""),
                 on_connect=self._announce,
