@@ -388,11 +388,19 @@ class SessionGrant(Message):
         )
 
 
-MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
-    m.TYPE: m for m in (Announcement, SessionRequest, SessionGrant)
-}
-for _cls in MESSAGE_TYPES.values():
-    _check_schema(_cls)
+MESSAGE_TYPES: Final[dict[int, type[Message]]] = {}
+
+
+def register(cls: type[Message]) -> type[Message]:
+    """Make a message type known to ``verify``; types are numbered once, forever."""
+    _check_schema(cls)
+    if MESSAGE_TYPES.setdefault(cls.TYPE, cls) is not cls:
+        raise TypeError(f"message type {cls.TYPE} is taken by {MESSAGE_TYPES[cls.TYPE].__name__}")
+    return cls
+
+
+for _cls in (Announcement, SessionRequest, SessionGrant):
+    register(_cls)
 
 
 # ---- signing -------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Accounting: signed bandwidth receipts, the ledger, epochs and rewards."""

@@ -1,0 +1,364 @@
+"""The receipt exchange between a relay and its client. Pure.
+
+Theory of operation
+-------------------
+Both ends count the session's bytes from their WireGuard counters through a
+``Meter`` (cumulative, and safe against counter resets: a re-added peer or a
+restarted wireguard-go starts again from zero, and we neither lose nor
+double-count across that).
+
+On the schedule the grant set (every ``interval_s`` or ``interval_bytes``,
+whichever comes first) the relay sends a ``Statement`` of its counts through
+the tunnel. The client compares it with its own count: within
+``tolerance(own)`` it signs a cumulative ``Receipt`` of exactly the stated
+numbers and sends it back; above, it refuses and says so (a relay inflating
+its counters gets no signature). The relay accepts a receipt only for a
+statement it made, with the stated numbers, newer than the last it accepted;
+then it countersigns and (in the agent) journals the bundle *before* it
+acknowledges.
+
+Cut-off: the relay tracks unreceipted bytes (counted minus receipted). When
+they pass half the grace allowance, or no receipt has come for ``grace_s``
+while traffic flows, the session is cut off. Counters are read every
+``READ_INTERVAL_S``, so the unreceipted bytes stay under the whole allowance
+up to ``allowance / 2 / READ_INTERVAL_S`` bytes per second (1.3 Gbit/s for the
+default 32 MiB).
+
+Relay states (one table)::
+
+    ACTIVE --receipt ok--> ACTIVE (receipted advances)
+    ACTIVE --bad receipt--> ACTIVE (counted, rejected; grace keeps running)
+    ACTIVE --grace exceeded--> CUT_OFF (terminal)
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Final
+
+from accounting.receipts import Receipt, ReceiptBundle, sign_receipt, verify_receipt
+from meshvpn.identity import PrivateKey, PublicKey
+from meshvpn.messages import MessageError
+
+MIB: Final = 1 << 20
+READ_INTERVAL_S: Final = 0.1
+DEFAULT_INTERVAL_S: Final = 10
+DEFAULT_INTERVAL_BYTES: Final = 8 * MIB
+DEFAULT_GRACE_BYTES: Final = 32 * MIB  # cut at half: two statement intervals unanswered
+DEFAULT_GRACE_S: Final = 30
+TOLERANCE_MIN: Final = 256 * 1024
+TOLERANCE_SHARE: Final = 100  # 1 %
+RECENT_STATEMENTS: Final = 16
+CHANNEL_PORT: Final = 51822  # UDP, inside the tunnel, on both ends' tunnel addresses
+
+
+def tolerance(own: int) -> int:
+    """How far a relay's statement may exceed our own count: packets lost or in flight."""
+    return max(TOLERANCE_MIN, own // TOLERANCE_SHARE)
+
+
+@dataclass(frozen=True)
+class Counters:
+    up: int = 0  # client to internet
+    down: int = 0  # internet to client
+
+    @property
+    def total(self) -> int:
+        return self.up + self.down
+
+    def __sub__(self, other: Counters) -> Counters:
+        return Counters(max(0, self.up - other.up), max(0, self.down - other.down))
+
+
+@dataclass(frozen=True)
+class Meter:
+    """Cumulative bytes from raw device counters that may reset to zero.
+
+    A reset the agent knows of (it re-added the peer, wireguard-go restarted) is
+    announced with ``reset()``; one it does not know of is caught when a counter
+    goes down. (A reset followed by more traffic than before, unannounced, is
+    invisible to anyone: hence the agent announces every one it causes.)
+    """
+
+    total: Counters = Counters()
+    last_raw: Counters | None = None
+
+    def feed(self, raw: Counters) -> Meter:
+        # A first reading (fresh session, or restored after a restart that reset the
+        # device's counters) counts everything the device has seen so far.
+        if self.last_raw is None:
+            return Meter(Counters(self.total.up + raw.up, self.total.down + raw.down), raw)
+        up = raw.up - self.last_raw.up if raw.up >= self.last_raw.up else raw.up
+        down = raw.down - self.last_raw.down if raw.down >= self.last_raw.down else raw.down
+        return Meter(Counters(self.total.up + up, self.total.down + down), raw)
+
+    def reset(self) -> Meter:
+        """The device's counters restarted from zero: the next reading counts in full."""
+        return Meter(self.total, None)
+
+
+# ---- messages on the tunnel channel (WireGuard authenticates who sent them)
+
+_STATEMENT: Final = struct.Struct("!4s16sQQQQ")
+_ACK: Final = struct.Struct("!4s16sQ")
+STATEMENT_MAGIC: Final = b"MVS1"
+ACK_MAGIC: Final = b"MVK1"
+
+
+@dataclass(frozen=True)
+class Statement:
+    session_id: bytes
+    seq: int
+    counters: Counters
+    issued_ms: int
+
+    def encode(self) -> bytes:
+        return _STATEMENT.pack(
+            STATEMENT_MAGIC,
+            self.session_id,
+            self.seq,
+            self.counters.up,
+            self.counters.down,
+            self.issued_ms,
+        )
+
+    @classmethod
+    def decode(cls, wire: bytes) -> Statement:
+        if len(wire) != _STATEMENT.size or not wire.startswith(STATEMENT_MAGIC):
+            raise MessageError("malformed", "not a statement")
+        _, session_id, seq, up, down, issued = _STATEMENT.unpack(wire)
+        return cls(session_id, seq, Counters(up, down), issued)
+
+
+@dataclass(frozen=True)
+class Ack:
+    session_id: bytes
+    seq: int
+
+    def encode(self) -> bytes:
+        return _ACK.pack(ACK_MAGIC, self.session_id, self.seq)
+
+    @classmethod
+    def decode(cls, wire: bytes) -> Ack:
+        if len(wire) != _ACK.size or not wire.startswith(ACK_MAGIC):
+            raise MessageError("malformed", "not an ack")
+        _, session_id, seq = _ACK.unpack(wire)
+        return cls(session_id, seq)
+
+
+# ---- the relay's side
+
+
+class RelayState(enum.Enum):
+    ACTIVE = "active"
+    CUT_OFF = "cut-off"
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What the grant fixed for the session."""
+
+    session_id: bytes
+    client: PublicKey
+    path: tuple[PublicKey, ...]
+    price_per_gib: int
+    started_ms: int
+    interval_s: int = DEFAULT_INTERVAL_S
+    interval_bytes: int = DEFAULT_INTERVAL_BYTES
+    grace_bytes: int = DEFAULT_GRACE_BYTES
+    grace_s: int = DEFAULT_GRACE_S
+
+
+@dataclass(frozen=True)
+class SendStatement:
+    statement: Statement
+
+
+@dataclass(frozen=True)
+class ReceiptCountersigned:
+    bundle: ReceiptBundle
+    ack: Ack
+
+
+@dataclass(frozen=True)
+class ReceiptRejected:
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClientCutOff:
+    reason: str
+    unreceipted: Counters
+
+
+RelayAction = SendStatement | ReceiptCountersigned | ReceiptRejected | ClientCutOff
+
+
+@dataclass
+class RelaySession:
+    terms: Terms
+    meter: Meter = field(default_factory=Meter)
+    receipted: Receipt | None = None
+    last_receipt_ms: int = 0
+    state: RelayState = RelayState.ACTIVE
+    seq: int = 0
+    stated: Counters = Counters()
+    stated_ms: int = 0
+    recent: dict[int, Statement] = field(default_factory=dict)
+    rejected: int = 0
+
+    @property
+    def counted(self) -> Counters:
+        return self.meter.total
+
+    @property
+    def receipted_counters(self) -> Counters:
+        r = self.receipted
+        return Counters(r.bytes_up, r.bytes_down) if r else Counters()
+
+    @property
+    def unreceipted(self) -> Counters:
+        return self.counted - self.receipted_counters
+
+    def observe(self, raw: Counters, now_ms: int) -> list[RelayAction]:
+        """New counter reading: maybe a statement is due, maybe the client is cut off."""
+        if self.state is RelayState.CUT_OFF:
+            return []
+        self.meter = self.meter.feed(raw)
+        if not self.last_receipt_ms:
+            self.last_receipt_ms = now_ms  # the grace clock starts with the session
+        owed = self.unreceipted
+        silent_ms = now_ms - self.last_receipt_ms
+        if owed.total * 2 > self.terms.grace_bytes:
+            return self._cut(f"{owed.total} bytes unreceipted, over half the grace allowance")
+        if owed.total and silent_ms > self.terms.grace_s * 1000:
+            return self._cut(f"no receipt for {silent_ms // 1000} s")
+        new = self.counted - self.stated
+        due_time = now_ms - self.stated_ms >= self.terms.interval_s * 1000
+        due_bytes = new.total >= self.terms.interval_bytes
+        if new.total and (due_time or due_bytes):
+            return [SendStatement(self._state(now_ms))]
+        return []
+
+    def _state(self, now_ms: int) -> Statement:
+        self.seq += 1
+        self.stated, self.stated_ms = self.counted, now_ms
+        statement = Statement(self.terms.session_id, self.seq, self.counted, now_ms)
+        self.recent[self.seq] = statement
+        for old in [s for s in self.recent if s <= self.seq - RECENT_STATEMENTS]:
+            del self.recent[old]
+        return statement
+
+    def _cut(self, reason: str) -> list[RelayAction]:
+        self.state = RelayState.CUT_OFF
+        return [ClientCutOff(reason, self.unreceipted)]
+
+    def on_receipt(self, wire: bytes, relay_key: PrivateKey, now_ms: int) -> list[RelayAction]:
+        if self.state is RelayState.CUT_OFF:
+            return [self._reject("session cut off")]
+        try:
+            receipt = verify_receipt(wire)
+        except MessageError as exc:
+            return [self._reject(exc.reason)]
+        t = self.terms
+        if (receipt.session_id, receipt.client, receipt.path) != (t.session_id, t.client, t.path):
+            return [self._reject("not this session")]
+        if (receipt.price_per_gib, receipt.started_ms) != (t.price_per_gib, t.started_ms):
+            return [self._reject("terms differ from the grant")]
+        if self.receipted is not None and receipt.seq <= self.receipted.seq:
+            return [self._reject("replayed")]
+        stated = self.recent.get(receipt.seq)
+        if stated is None:
+            return [self._reject("no such statement")]
+        signed = Counters(receipt.bytes_up, receipt.bytes_down)
+        if signed != stated.counters:
+            under = signed.up < stated.counters.up or signed.down < stated.counters.down
+            return [self._reject("under-signed" if under else "over-signed")]
+        self.receipted = receipt
+        self.last_receipt_ms = now_ms
+        bundle = ReceiptBundle(receipt, wire, ()).add_countersignature(relay_key)
+        return [ReceiptCountersigned(bundle, Ack(t.session_id, receipt.seq))]
+
+    def _reject(self, reason: str) -> ReceiptRejected:
+        self.rejected += 1
+        return ReceiptRejected(reason)
+
+
+# ---- the client's side
+
+
+@dataclass(frozen=True)
+class SignReceipt:
+    wire: bytes
+    receipt: Receipt
+
+
+@dataclass(frozen=True)
+class StatementRefused:
+    reason: str
+
+
+ClientAction = SignReceipt | StatementRefused
+
+
+@dataclass
+class ClientSession:
+    terms: Terms
+    meter: Meter = field(default_factory=Meter)
+    signed: Receipt | None = None
+    signed_wire: bytes = b""
+    acked_seq: int = 0
+    refused: int = 0
+
+    @property
+    def counted(self) -> Counters:
+        return self.meter.total
+
+    def observe(self, raw: Counters) -> None:
+        self.meter = self.meter.feed(raw)
+
+    def on_statement(
+        self, statement: Statement, client_key: PrivateKey, now_ms: int
+    ) -> ClientAction:
+        if statement.session_id != self.terms.session_id:
+            return self._refuse("statement for another session")
+        own, claimed = self.counted, statement.counters
+        if claimed.up > own.up + tolerance(own.up) or claimed.down > own.down + tolerance(own.down):
+            return self._refuse(
+                f"relay claims {claimed.up} up / {claimed.down} down bytes,"
+                f" we counted {own.up} / {own.down}: inflated, not signing"
+            )
+        last = self.signed
+        if last is not None and (
+            statement.seq <= last.seq
+            or claimed.up < last.bytes_up
+            or claimed.down < last.bytes_down
+        ):
+            return SignReceipt(self.signed_wire, last)  # re-send: cumulative, so harmless
+        receipt = Receipt(
+            session_id=self.terms.session_id,
+            client=self.terms.client,
+            path=self.terms.path,
+            bytes_up=claimed.up,
+            bytes_down=claimed.down,
+            price_per_gib=self.terms.price_per_gib,
+            seq=statement.seq,
+            started_ms=self.terms.started_ms,
+            issued_ms=now_ms,
+        )
+        self.signed, self.signed_wire = receipt, sign_receipt(receipt, client_key)
+        return SignReceipt(self.signed_wire, receipt)
+
+    def on_ack(self, ack: Ack) -> None:
+        if ack.session_id == self.terms.session_id:
+            self.acked_seq = max(self.acked_seq, ack.seq)
+
+    def _refuse(self, reason: str) -> StatementRefused:
+        self.refused += 1
+        return StatementRefused(reason)
+
+    @property
+    def cost(self) -> int:
+        return self.signed.cost if self.signed else 0

@@ -1,0 +1,191 @@
+"""Bandwidth receipts: what a client signs and every relay on its path countersigns.
+
+Theory of operation
+-------------------
+A ``Receipt`` is a control message (same canonical codec and Ed25519 rules as
+every other, label ``meshvpn/v1/receipt``) signed by the *client*. It is
+cumulative: it states all bytes of one session so far, so a newer receipt
+supersedes an older one and a resent one changes nothing.
+
+Bytes are counted as WireGuard counts them on both ends of the access link
+(encrypted payload bytes, about 3 % above the IP bytes), because that is the
+one number both parties can observe without touching packets.
+
+A ``ReceiptBundle`` is the client's signed receipt plus one countersignature
+per relay on the path, in path order. A countersignature is Ed25519 by the
+relay's identity key over ``b"meshvpn/v1/receipt-countersign\\x00"`` followed
+by the client's signed receipt bytes, so it vouches for exactly that receipt
+and cannot be moved to another.
+
+Bundle wire format::
+
+    b"MVRB" | version:u8 | receipt_len:u16 | receipt | count:u8 | count x signature:64
+
+(The signers' keys are the receipt's ``path``; they are not repeated.)
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import ClassVar, Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from meshvpn.identity import PrivateKey, PublicKey
+from meshvpn.messages import (
+    KEY,
+    NONCE,
+    U64,
+    Field,
+    ListOf,
+    Message,
+    MessageError,
+    register,
+    sign,
+    verify,
+)
+
+GIB: Final = 1 << 30
+MAX_PATH: Final = 8
+BUNDLE_MAGIC: Final = b"MVRB"
+BUNDLE_VERSION: Final = 1
+COUNTERSIGN_LABEL: Final = b"meshvpn/v1/receipt-countersign\x00"
+_HEAD: Final = struct.Struct("!4sBH")
+
+
+@register
+@dataclass(frozen=True)
+class Receipt(Message):
+    TYPE: ClassVar[int] = 4
+    LABEL: ClassVar[str] = "receipt"
+    FIELDS: ClassVar[dict[str, Field]] = {
+        "session_id": NONCE,
+        "client": KEY,
+        "path": ListOf(KEY, MAX_PATH),
+        "bytes_up": U64,
+        "bytes_down": U64,
+        "price_per_gib": U64,
+        "seq": U64,
+        "started_ms": U64,
+        "issued_ms": U64,
+    }
+
+    session_id: bytes
+    client: PublicKey  # the client's identity key: the signer
+    path: tuple[PublicKey, ...]  # relay identity keys: entry, transit..., exit
+    bytes_up: int  # client to internet, cumulative for the session
+    bytes_down: int  # internet to client, cumulative
+    price_per_gib: int  # token units per GiB, as granted
+    seq: int  # strictly increasing per session
+    started_ms: int
+    issued_ms: int
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("a receipt names at least one relay")
+        if len(set(self.path)) != len(self.path):
+            raise ValueError("a relay appears twice on the path")
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes_up + self.bytes_down
+
+    @property
+    def cost(self) -> int:
+        """What the client owes for the whole session so far, rounded down."""
+        return self.total_bytes * self.price_per_gib // GIB
+
+    def covers(self, other: Receipt) -> bool:
+        """True if this receipt states at least everything ``other`` does."""
+        return (
+            self.session_id == other.session_id
+            and self.bytes_up >= other.bytes_up
+            and self.bytes_down >= other.bytes_down
+            and self.seq >= other.seq
+        )
+
+
+def sign_receipt(receipt: Receipt, client_key: PrivateKey) -> bytes:
+    if client_key.ed25519_public() != receipt.client:
+        raise ValueError("a receipt is signed by the client it names")
+    return sign(receipt, client_key)
+
+
+def verify_receipt(wire: bytes) -> Receipt:
+    signed = verify(wire, Receipt)
+    receipt = signed.message
+    assert isinstance(receipt, Receipt)  # noqa: S101 - verify() checked the type
+    if signed.signer != receipt.client:
+        raise MessageError("wrong-signer", "receipt not signed by its client")
+    return receipt
+
+
+def countersign(receipt_wire: bytes, relay_key: PrivateKey) -> bytes:
+    return relay_key.ed25519_sign(COUNTERSIGN_LABEL + receipt_wire)
+
+
+@dataclass(frozen=True)
+class ReceiptBundle:
+    receipt: Receipt
+    receipt_wire: bytes
+    signatures: tuple[bytes, ...]  # one per relay on the path, in path order
+
+    @property
+    def complete(self) -> bool:
+        return len(self.signatures) == len(self.receipt.path)
+
+    def encode(self) -> bytes:
+        return (
+            _HEAD.pack(BUNDLE_MAGIC, BUNDLE_VERSION, len(self.receipt_wire))
+            + self.receipt_wire
+            + bytes([len(self.signatures)])
+            + b"".join(self.signatures)
+        )
+
+    def add_countersignature(self, relay_key: PrivateKey) -> ReceiptBundle:
+        """The next relay on the path vouches for the receipt."""
+        position = len(self.signatures)
+        if position >= len(self.receipt.path):
+            raise ValueError("every relay on the path has countersigned already")
+        if relay_key.ed25519_public() != self.receipt.path[position]:
+            raise ValueError("relays countersign in path order")
+        return ReceiptBundle(
+            self.receipt,
+            self.receipt_wire,
+            (*self.signatures, countersign(self.receipt_wire, relay_key)),
+        )
+
+    @classmethod
+    def from_client(cls, receipt_wire: bytes) -> ReceiptBundle:
+        return cls(verify_receipt(receipt_wire), receipt_wire, ())
+
+    @classmethod
+    def decode(cls, wire: bytes) -> ReceiptBundle:
+        """Parse and verify the client's signature and every countersignature present."""
+        if len(wire) < _HEAD.size + 1:
+            raise MessageError("malformed", "bundle too short")
+        magic, version, receipt_len = _HEAD.unpack_from(wire)
+        if magic != BUNDLE_MAGIC:
+            raise MessageError("malformed", "bad bundle magic")
+        if version != BUNDLE_VERSION:
+            raise MessageError("unsupported-version")
+        end = _HEAD.size + receipt_len
+        if len(wire) < end + 1:
+            raise MessageError("malformed", "bundle truncated")
+        receipt_wire = wire[_HEAD.size : end]
+        receipt = verify_receipt(receipt_wire)
+        count = wire[end]
+        sigs = wire[end + 1 :]
+        if count > len(receipt.path) or len(sigs) != count * 64:
+            raise MessageError("malformed", "countersignature count")
+        signatures = tuple(sigs[i * 64 : (i + 1) * 64] for i in range(count))
+        for relay, signature in zip(receipt.path, signatures, strict=False):
+            try:
+                ed25519.Ed25519PublicKey.from_public_bytes(relay.raw).verify(
+                    signature, COUNTERSIGN_LABEL + receipt_wire
+                )
+            except (InvalidSignature, ValueError):
+                raise MessageError("bad-countersignature") from None
+        return cls(receipt, receipt_wire, signatures)

@@ -1,0 +1,284 @@
+"""Receipts and the relay/client exchange, both parties in memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from accounting.exchange import (
+    Ack,
+    ClientCutOff,
+    ClientSession,
+    Counters,
+    Meter,
+    ReceiptCountersigned,
+    ReceiptRejected,
+    RelaySession,
+    RelayState,
+    SendStatement,
+    SignReceipt,
+    Statement,
+    StatementRefused,
+    Terms,
+    tolerance,
+)
+from accounting.receipts import Receipt, ReceiptBundle, sign_receipt, verify_receipt
+from meshvpn.identity import PrivateKey
+from meshvpn.messages import MessageError
+
+VECTORS = Path(__file__).parent.parent / "vectors" / "receipts.json"
+CLIENT = PrivateKey(
+    bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+)
+RELAYS = [PrivateKey(bytes([i]) * 32) for i in (1, 2, 3)]
+NOW = 1_795_000_000_000
+MIB = 1 << 20
+
+
+def vector_receipt() -> Receipt:
+    return Receipt(
+        session_id=bytes(range(16)),
+        client=CLIENT.ed25519_public(),
+        path=tuple(r.ed25519_public() for r in RELAYS),
+        bytes_up=123_456,
+        bytes_down=98_765_432,
+        price_per_gib=1_000_000,
+        seq=7,
+        started_ms=NOW,
+        issued_ms=NOW + 70_000,
+    )
+
+
+def test_fixed_vectors() -> None:
+    vectors = json.loads(VECTORS.read_text())
+    wire = sign_receipt(vector_receipt(), CLIENT)
+    assert wire.hex() == vectors["receipt"]
+    bundle = ReceiptBundle.from_client(wire)
+    for relay in RELAYS:
+        bundle = bundle.add_countersignature(relay)
+    assert bundle.encode().hex() == vectors["bundle"]
+    decoded = ReceiptBundle.decode(bytes.fromhex(vectors["bundle"]))
+    assert decoded.complete
+    assert decoded.receipt == vector_receipt()
+    assert decoded.receipt.cost == vectors["cost"]
+
+
+def full_bundle() -> bytes:
+    bundle = ReceiptBundle.from_client(sign_receipt(vector_receipt(), CLIENT))
+    for relay in RELAYS:
+        bundle = bundle.add_countersignature(relay)
+    return bundle.encode()
+
+
+@settings(max_examples=400)
+@given(st.data())
+def test_any_flipped_bit_in_a_bundle_fails(data: st.DataObject) -> None:
+    wire = bytearray(full_bundle())
+    bit = data.draw(st.integers(0, len(wire) * 8 - 1))
+    wire[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(MessageError):
+        ReceiptBundle.decode(bytes(wire))
+
+
+@given(st.binary(max_size=400))
+def test_bundle_parser_raises_only_message_error(data: bytes) -> None:
+    with pytest.raises(MessageError):
+        ReceiptBundle.decode(data)
+
+
+def test_countersignature_cannot_move_to_another_receipt() -> None:
+    wire_a = sign_receipt(vector_receipt(), CLIENT)
+    other = Receipt(**{**vector_receipt().__dict__, "bytes_down": 1})
+    wire_b = sign_receipt(other, CLIENT)
+    sig = ReceiptBundle.from_client(wire_a).add_countersignature(RELAYS[0]).signatures[0]
+    forged = ReceiptBundle(other, wire_b, (sig,)).encode()
+    with pytest.raises(MessageError, match="bad-countersignature"):
+        ReceiptBundle.decode(forged)
+
+
+def test_relays_countersign_in_path_order_and_client_signs_its_own() -> None:
+    bundle = ReceiptBundle.from_client(sign_receipt(vector_receipt(), CLIENT))
+    with pytest.raises(ValueError, match="path order"):
+        bundle.add_countersignature(RELAYS[1])
+    with pytest.raises(ValueError, match="signed by the client"):
+        sign_receipt(vector_receipt(), RELAYS[0])
+    stranger_signed = vector_receipt()
+    from meshvpn.messages import sign  # noqa: PLC0415
+
+    with pytest.raises(MessageError, match="wrong-signer"):
+        verify_receipt(sign(stranger_signed, RELAYS[0]))
+
+
+# ---- the meter
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(0, 10**9), st.integers(0, 10**9)), max_size=40)
+)
+def test_meter_counts_every_byte_once_across_resets(steps: list[tuple[bool, int, int]]) -> None:
+    """Reference model: the device counts up from 0 after each reset; we sum increments."""
+    meter, raw, truth = Meter(), Counters(), Counters()
+    meter = meter.feed(raw)
+    for reset, up, down in steps:
+        if reset:
+            raw = Counters(up % 1000, down % 1000)  # restarted device: small fresh counts
+            truth = Counters(truth.up + raw.up, truth.down + raw.down)
+            meter = meter.reset()  # the agent knows when it restarts a device or peer
+        else:
+            raw = Counters(raw.up + up, raw.down + down)
+            truth = Counters(truth.up + up, truth.down + down)
+        meter = meter.feed(raw)
+        assert meter.total == truth
+
+
+def test_unannounced_reset_is_caught_when_counters_go_down() -> None:
+    meter = Meter().feed(Counters(5000, 5000)).feed(Counters(10, 20))
+    assert meter.total == Counters(5010, 5020)
+
+
+def test_restored_meter_adds_fresh_device_counts() -> None:
+    restored = Meter(Counters(1000, 5000))
+    assert restored.feed(Counters(10, 20)).total == Counters(1010, 5020)
+
+
+# ---- the exchange, both parties in memory
+
+
+def terms(**kw: int) -> Terms:
+    base = {
+        "session_id": bytes(range(16)),
+        "client": CLIENT.ed25519_public(),
+        "path": (RELAYS[0].ed25519_public(),),
+        "price_per_gib": 1_000_000,
+        "started_ms": NOW,
+    }
+    return Terms(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def run(
+    relay: RelaySession,
+    client: ClientSession,
+    traffic: list[Counters],
+    *,
+    client_answers: bool = True,
+    inflate: int = 1,
+    step_ms: int = 100,
+) -> list[object]:
+    """Drive both sides: the wire is in-memory, traffic grows the raw counters."""
+    events: list[object] = []
+    raw = Counters()
+    now = NOW
+    for delta in traffic:
+        now += step_ms
+        raw = Counters(raw.up + delta.up, raw.down + delta.down)
+        client.observe(raw)
+        for action in relay.observe(raw, now):
+            events.append(action)
+            if isinstance(action, SendStatement) and client_answers:
+                st_ = action.statement
+                shown = Statement(
+                    st_.session_id,
+                    st_.seq,
+                    Counters(st_.counters.up * inflate, st_.counters.down * inflate),
+                    st_.issued_ms,
+                )
+                answer = client.on_statement(Statement.decode(shown.encode()), CLIENT, now)
+                events.append(answer)
+                if isinstance(answer, SignReceipt):
+                    for result in relay.on_receipt(answer.wire, RELAYS[0], now):
+                        events.append(result)
+                        if isinstance(result, ReceiptCountersigned):
+                            client.on_ack(Ack.decode(result.ack.encode()))
+    return events
+
+
+def test_honest_session_is_receipted_within_one_interval() -> None:
+    relay, client = RelaySession(terms()), ClientSession(terms())
+    events = run(relay, client, [Counters(10_000, 1 * MIB)] * 100)  # 100 MiB over 10 s
+    assert relay.state is RelayState.ACTIVE
+    signed = [e for e in events if isinstance(e, ReceiptCountersigned)]
+    assert len(signed) >= 10
+    assert relay.unreceipted.total <= relay.terms.interval_bytes
+    assert client.acked_seq == relay.receipted.seq  # type: ignore[union-attr]
+    final = ReceiptBundle.decode(signed[-1].bundle.encode())
+    assert final.complete
+    assert final.receipt.bytes_down == relay.receipted_counters.down
+    assert client.cost == final.receipt.cost > 0
+
+
+@settings(max_examples=50)
+@given(st.lists(st.integers(0, 4 * MIB), min_size=1, max_size=200))
+def test_silent_client_is_cut_off_within_the_allowance(chunks: list[int]) -> None:
+    relay, client = RelaySession(terms()), ClientSession(terms())
+    events = run(relay, client, [Counters(0, c) for c in chunks], client_answers=False)
+    cuts = [e for e in events if isinstance(e, ClientCutOff)]
+    if relay.state is RelayState.CUT_OFF:
+        assert len(cuts) == 1
+        assert (
+            cuts[0].unreceipted.total <= relay.terms.grace_bytes
+        )  # per-reading bytes <= half of it
+    else:
+        assert relay.unreceipted.total * 2 <= relay.terms.grace_bytes
+        assert len(chunks) * 100 <= relay.terms.grace_s * 1000 or relay.unreceipted.total == 0
+
+
+def test_client_silent_for_grace_time_is_cut_off_even_with_little_traffic() -> None:
+    relay, client = RelaySession(terms()), ClientSession(terms())
+    events = run(relay, client, [Counters(0, 100)] * 400, client_answers=False)  # 40 s, 40 KB
+    assert relay.state is RelayState.CUT_OFF
+    assert any(isinstance(e, ClientCutOff) and "no receipt" in e.reason for e in events)
+
+
+def test_inflating_relay_gets_no_signature() -> None:
+    relay, client = RelaySession(terms()), ClientSession(terms())
+    events = run(relay, client, [Counters(0, MIB)] * 30, inflate=2)
+    refusals = [e for e in events if isinstance(e, StatementRefused)]
+    assert refusals
+    assert "inflated" in refusals[0].reason
+    assert client.signed is None
+    assert relay.receipted is None
+
+
+def test_under_signing_and_replay_are_rejected() -> None:
+    relay, client = RelaySession(terms()), ClientSession(terms())
+    run(relay, client, [Counters(0, MIB)] * 20)
+    good = relay.receipted
+    assert good is not None
+    # replay the last good receipt
+    result = relay.on_receipt(client.signed_wire, RELAYS[0], NOW + 10_000)
+    assert result == [ReceiptRejected("replayed")]
+    # sign less than stated for the next statement
+    raw = Counters(0, 28 * MIB)  # run() left the device at 20 MiB, receipted up to 16 MiB
+    (statement,) = [a for a in relay.observe(raw, NOW + 20_000) if isinstance(a, SendStatement)]
+    low = Receipt(
+        **{
+            **good.__dict__,
+            "seq": statement.statement.seq,
+            "bytes_down": statement.statement.counters.down - 1,
+        }
+    )
+    assert relay.on_receipt(sign_receipt(low, CLIENT), RELAYS[0], NOW + 20_001) == [
+        ReceiptRejected("under-signed")
+    ]
+    assert relay.receipted == good
+
+
+def test_client_tolerance_is_stated() -> None:
+    assert tolerance(0) == 256 * 1024
+    assert tolerance(1000 * MIB) == 10 * MIB
+
+
+def test_channel_messages_round_trip_and_reject_garbage() -> None:
+    s = Statement(bytes(16), 3, Counters(1, 2), NOW)
+    assert Statement.decode(s.encode()) == s
+    a = Ack(bytes(16), 3)
+    assert Ack.decode(a.encode()) == a
+    for bad in (b"", b"MVS1", s.encode()[:-1], a.encode() + b"x"):
+        with pytest.raises(MessageError):
+            Statement.decode(bad)
+        with pytest.raises(MessageError):
+            Ack.decode(bad)
