@@ -78,7 +78,11 @@ def _endpoint(text: str | None, flag: str) -> Any:  # noqa: ANN401 - Endpoint | 
 def cmd_relay(args: argparse.Namespace) -> int:
     from meshvpn.mqtt import BrokerAddress  # noqa: PLC0415
     from relay.agent import RelayAgent, RelayOptions  # noqa: PLC0415
+    from relay.exit import ExitPolicy  # noqa: PLC0415
 
+    exit_policy = ExitPolicy.from_flags(
+        allow=args.allow or (), deny=args.deny or (), block_ports=args.block_port, dns=args.dns
+    )
     try:
         pool = ipaddress.IPv4Network(args.pool)
     except ValueError as exc:
@@ -100,6 +104,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         price_per_gib=args.price,
         capacity=args.capacity,
         announce_ttl_s=args.announce_ttl,
+        exit_policy=exit_policy,
     )
     try:
         agent = RelayAgent(opts)
@@ -421,6 +426,36 @@ def _add_relay_parser(sub: Any) -> None:  # noqa: ANN401 - argparse's private ac
         dest="exit",
         action="store_false",
         help="do not forward clients to the internet",
+    )
+    g = p.add_argument_group(
+        "exit policy",
+        "Clients never reach this router itself nor its LAN. Private, shared (CGNAT),"
+        " link-local, loopback, multicast, reserved and documentation ranges are closed"
+        " too, unless --allow opens them (never loopback, link-local or multicast).",
+    )
+    g.add_argument(
+        "--allow",
+        action="append",
+        metavar="CIDR",
+        help="open a closed range to clients, e.g. a lab's 203.0.113.0/24 (repeatable)",
+    )
+    g.add_argument(
+        "--deny",
+        action="append",
+        metavar="CIDR",
+        help="close a network to clients; wins over --allow (repeatable)",
+    )
+    g.add_argument(
+        "--block-port",
+        action="append",
+        metavar="PROTO/PORT",
+        help="drop clients' traffic to this port everywhere, e.g. udp/5060 (repeatable;"
+        " default: tcp/25; `none` clears what comes before it, the default included)",
+    )
+    g.add_argument(
+        "--dns",
+        metavar="ADDR",
+        help="send clients' DNS (udp and tcp 53, whatever address they ask) to this resolver",
     )
     g = p.add_argument_group("discovery (with --broker)")
     g.add_argument(

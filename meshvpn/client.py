@@ -19,13 +19,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Final
+from pathlib import Path
+from typing import Any, Final, cast
 
+from accounting.exchange import (
+    ACK_MAGIC,
+    CHANNEL_PORT,
+    Ack,
+    ClientSession,
+    Counters,
+    Meter,
+    Statement,
+    StatementRefused,
+    Terms,
+)
+from accounting.receipts import verify_receipt
 from meshvpn.agent import CLIENT_KEEPALIVE, TUNNEL_MTU, Agent, CommonOptions, ipv6_enabled
 from meshvpn.directory import (
     ANNOUNCE_PREFIX,
@@ -117,7 +131,8 @@ async def probe_all(candidates: list[Entry]) -> dict[str, float]:
     """
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(
-        _ProbeClient, local_addr=("0.0.0.0", 0)  # noqa: S104 - an ephemeral client port
+        _ProbeClient,
+        local_addr=("0.0.0.0", 0),  # noqa: S104 - an ephemeral client port
     )
     start = loop.time()
     try:
@@ -145,12 +160,22 @@ async def probe_all(candidates: list[Entry]) -> dict[str, float]:
     return dict(protocol.rtts)
 
 
+class _Inbox(asyncio.DatagramProtocol):
+    def __init__(self, queue: asyncio.Queue[tuple[bytes, tuple[str, int]]]) -> None:
+        self.queue = queue
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        with contextlib.suppress(asyncio.QueueFull):  # a flood is dropped, not queued
+            self.queue.put_nowait((data, (str(addr[0]), int(addr[1]))))
+
+
 class ClientAgent(Agent):
     role = "client"
     opts: ClientOptions
 
     def __init__(self, opts: ClientOptions) -> None:
         super().__init__(opts)
+        self.receipts: ClientSession | None = None
         self.directory = Directory()
         self.link: ControlLink | None = None
         self.chosen: Chosen | None = None
@@ -375,9 +400,106 @@ class ClientAgent(Agent):
         )
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
-        if self.chosen is not None and self.chosen.grant is not None:
-            return [self._renew()]
-        return []
+        chosen = self.chosen
+        if chosen is None or chosen.grant is None or chosen.entry is None:
+            return []
+        terms = Terms(
+            session_id=chosen.grant.session_id,
+            client=self.identity.identity_public,
+            path=(chosen.entry.signed.signer,),
+            price_per_gib=chosen.grant.price_per_gib,
+            started_ms=now_ms(),
+        )
+        self.receipts = ClientSession(terms)
+        self._restore_receipts()
+        return [self._renew(), self._serve_receipts(), self._save_receipts_loop()]
+
+    # ---- receipts: the relay states, we check against our own count and sign
+
+    def _receipt_file(self) -> Path:
+        return self.opts.state_dir / "receipts.json"
+
+    def _restore_receipts(self) -> None:
+        """Same session after a restart: go on from what we counted and signed."""
+        assert self.receipts is not None  # noqa: S101
+        try:
+            data = json.loads(self._receipt_file().read_text())
+            if bytes.fromhex(data["session_id"]) != self.receipts.terms.session_id:
+                return
+            counted = Counters(int(data["up"]), int(data["down"]))
+            wire = bytes.fromhex(data["signed"]) if data.get("signed") else b""
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        self.receipts.meter = Meter(counted)
+        if wire:
+            with contextlib.suppress(MessageError):
+                self.receipts.signed, self.receipts.signed_wire = verify_receipt(wire), wire
+
+    def _save_receipts(self) -> None:
+        session = self.receipts
+        if session is None:
+            return
+        data = {
+            "session_id": session.terms.session_id.hex(),
+            "up": session.counted.up,
+            "down": session.counted.down,
+            "signed": session.signed_wire.hex(),
+        }
+        tmp = self._receipt_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(self._receipt_file())
+
+    async def _save_receipts_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self._read_own_counters()
+            self._save_receipts()
+
+    async def _read_own_counters(self) -> None:
+        assert self.device is not None  # noqa: S101
+        assert self.chosen is not None  # noqa: S101
+        assert self.receipts is not None  # noqa: S101
+        peer = (await self.device.state()).peers.get(self.chosen.wireguard_key)
+        if peer is not None:
+            self.receipts.observe(Counters(up=peer.tx_bytes, down=peer.rx_bytes))
+
+    async def _serve_receipts(self) -> None:
+        assert self.chosen is not None  # noqa: S101
+        assert self.receipts is not None  # noqa: S101
+        queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue(maxsize=64)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Inbox(queue), local_addr=(str(self.chosen.address.ip), CHANNEL_PORT)
+        )
+        try:
+            while True:
+                data, addr = await queue.get()
+                await self._on_channel(data, addr, transport)
+        finally:
+            transport.close()
+
+    async def _on_channel(
+        self, data: bytes, addr: tuple[str, int], transport: asyncio.BaseTransport
+    ) -> None:
+        assert self.receipts is not None  # noqa: S101
+        session = self.receipts
+        if data.startswith(ACK_MAGIC):
+            with contextlib.suppress(MessageError):
+                session.on_ack(Ack.decode(data))
+            return
+        try:
+            statement = Statement.decode(data)
+        except MessageError:
+            self._count_reject("bad-statement")
+            return
+        await self._read_own_counters()
+        action = session.on_statement(statement, self.identity.identity_key, now_ms())
+        if isinstance(action, StatementRefused):
+            if session.refused == 1 or session.refused % 10 == 0:
+                log.warning("not signing the relay's statement: %s", action.reason)
+            return
+        cast("asyncio.DatagramTransport", transport).sendto(action.wire, addr)
+        self._save_receipts()
 
     async def _renew(self) -> None:
         """Ask again before the grant runs out; failures only delay the next try."""
@@ -422,6 +544,16 @@ class ClientAgent(Agent):
                 "price_per_gib": chosen.grant.price_per_gib,
                 "expires_ms": chosen.grant.expires_ms,
             }
+            if self.receipts is not None:
+                signed = self.receipts.signed
+                session |= {
+                    "bytes_used": self.receipts.counted.total,
+                    "bytes_receipted": signed.total_bytes if signed else 0,
+                    "cost": self.receipts.cost,
+                    "receipt_seq": signed.seq if signed else 0,
+                    "acked_seq": self.receipts.acked_seq,
+                    "statements_refused": self.receipts.refused,
+                }
         return {
             **base,
             "address": str(chosen.address) if chosen else None,

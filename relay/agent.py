@@ -28,6 +28,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+from accounting.exchange import CHANNEL_PORT
 from meshvpn import __version__
 from meshvpn.agent import DEFAULT_POOL, TUNNEL_MTU, Agent, CommonOptions
 from meshvpn.directory import announce_topic, reply_topic, session_topic
@@ -47,14 +48,16 @@ from meshvpn.mqtt import BrokerAddress, ControlLink, WillMessage
 from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeResponder
 from meshvpn.wireguard.model import Endpoint, PeerSpec
+from relay.exit import DEFAULT_EXIT_POLICY, ExitPolicy, discover_host_networks, exit_ruleset
 from relay.exit import TABLE as EXIT_TABLE
-from relay.exit import exit_ruleset
+from relay.metering import ReceiptDesk
 from relay.pool import AddressPool
 from relay.sessions import Session, SessionBook
 
 log = logging.getLogger("meshvpn.relay")
 
 EXPIRY_CHECK_S: Final = 5.0
+BAN_MS: Final = 10 * 60_000
 
 
 def now_ms() -> int:
@@ -73,6 +76,7 @@ class RelayOptions(CommonOptions):
     price_per_gib: int = 1_000_000
     capacity: int = 100
     announce_ttl_s: int = 60
+    exit_policy: ExitPolicy = DEFAULT_EXIT_POLICY  # what clients may reach: relay/exit.py
 
     @property
     def probe(self) -> int:
@@ -114,7 +118,10 @@ class RelayAgent(Agent):
         )
         self.manual: set[PublicKey] = set()
         self.leases_path = opts.state_dir / "leases.json"
+        self.desk = ReceiptDesk(self.identity, opts.state_dir / "receipts.db")
         self._load_leases()
+        for session in self.book.sessions.values():
+            self.desk.start(session)
         self.probes = ProbeResponder(self.identity.control_key)
         self.link: ControlLink | None = None
         self.counters: collections.Counter[str] = collections.Counter()
@@ -192,12 +199,32 @@ class RelayAgent(Agent):
         if opts.exit:
             self.footprint.will_set_sysctl("net.ipv4.ip_forward")
             write_sysctl("net.ipv4.ip_forward", "1")
+            host = await discover_host_networks(opts.ifname)
+            log.info(
+                "exit: clients may not reach this router (%s) nor its LAN (%s)",
+                ", ".join(map(str, host.router_addresses)) or "no addresses",
+                ", ".join(map(str, host.lan_networks)) or "none found",
+            )
             self.footprint.will_create_nft_table(EXIT_TABLE)
-            nft_apply(exit_ruleset(opts.ifname, opts.pool))
+            nft_apply(
+                exit_ruleset(
+                    opts.ifname,
+                    opts.pool,
+                    opts.exit_policy,
+                    lan_networks=host.lan_networks,
+                    router_addresses=host.router_addresses,
+                    client_services=(("udp", CHANNEL_PORT),),  # receipts come back here
+                )
+            )
         await self._apply_peers()
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
-        jobs = [self._expire_sessions()]
+        assert self.device is not None  # noqa: S101 - built before background()
+        jobs = [
+            self._expire_sessions(),
+            self.desk.meter(self.device, self._cut_off),
+            self.desk.serve_channel(self.pool.gateway),
+        ]
         if self.opts.broker is not None:
             self.link = ControlLink(
                 self.opts.broker,
@@ -208,7 +235,18 @@ class RelayAgent(Agent):
                 on_connect=self._announce,
             )
             jobs += [self.link.run(), self._announce_loop(), self._serve_probes()]
+        jobs.append(self.desk.deliver(self.link))
         return jobs
+
+    async def _cut_off(self, key: PublicKey, reason: str) -> None:
+        """A client stopped paying: end its session and keep it out for a while."""
+        session = self.book.end(key)
+        self.desk.stop(key)
+        if session is not None:
+            self.book.ban(session.client_identity, now_ms() + BAN_MS)
+        log.info("session ended: %s", reason)
+        await self._apply_peers()
+        await self._announce()
 
     # ---- announcements
 
@@ -294,6 +332,7 @@ class RelayAgent(Agent):
         if decision.session is not None:
             await self._apply_peers()  # the peer exists before the client hears "granted"
             if decision.reason == "granted":
+                self.desk.start(decision.session)
                 log.info(
                     "session for client %s… at %s",
                     received.client_identity.b64[:8],
@@ -322,6 +361,7 @@ class RelayAgent(Agent):
             ended = self.book.expire(now_ms(), handshakes)
             if ended:
                 for s in ended:
+                    self.desk.stop(s.wireguard_key)
                     log.info(
                         "session of client %s… ended (expired and idle)", s.client_identity.b64[:8]
                     )
@@ -351,7 +391,8 @@ class RelayAgent(Agent):
         except ValueError as exc:
             raise LocalError(f"bad WireGuard key: {exc}") from None
         self.manual.discard(key)
-        self.book.sessions.pop(key, None)
+        self.book.end(key)
+        self.desk.stop(key)
         self.pool.release(key)
         await self._apply_peers()
         return {}
@@ -373,6 +414,7 @@ class RelayAgent(Agent):
                         "rx_bytes": peer.rx_bytes,
                         "tx_bytes": peer.tx_bytes,
                         "last_handshake": peer.last_handshake,
+                        "receipts": self.desk.session_status(key),
                     }
                 )
         return {
@@ -388,8 +430,13 @@ class RelayAgent(Agent):
             "endpoint": str(self.opts.endpoint) if self.opts.endpoint else None,
             "probes": {"answered": self.probes.answered, "dropped": dict(self.probes.dropped)},
             "counters": dict(self.counters),
+            "receipts": self.desk.summary(),
             "peers": peers,
         }
 
     async def before_stop(self) -> None:
         await self._clear_announcement()
+
+    async def teardown(self) -> None:
+        await super().teardown()
+        self.desk.close()

@@ -77,6 +77,19 @@ class SessionBook:
     sessions: dict[PublicKey, Session] = field(default_factory=dict)  # by WireGuard key
     _seen: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
     _rate: OrderedDict[PublicKey, tuple[float, int]] = field(default_factory=OrderedDict)
+    _banned: OrderedDict[PublicKey, int] = field(default_factory=OrderedDict)  # identity -> until
+
+    def ban(self, client_identity: PublicKey, until_ms: int) -> None:
+        """A client cut off for not paying gets no new session for a while."""
+        self._banned[client_identity] = until_ms
+        while len(self._banned) > MAX_TRACKED:
+            self._banned.popitem(last=False)
+
+    def end(self, wireguard_key: PublicKey) -> Session | None:
+        session = self.sessions.pop(wireguard_key, None)
+        if session is not None:
+            self.pool.release(wireguard_key)
+        return session
 
     def _refused(self, request: SessionRequest, status: int, reason: str, now_ms: int) -> Decision:
         grant = SessionGrant(
@@ -127,6 +140,10 @@ class SessionBook:
         if not self._rate_ok(client_identity, now_ms):
             return self._refused(
                 request, REFUSED_RATE, "too many requests; wait a few seconds", now_ms
+            )
+        if self._banned.get(client_identity, 0) > now_ms:
+            return self._refused(
+                request, REFUSED_POLICY, "cut off recently for unreceipted traffic", now_ms
             )
         if request.want_exit not in ("", self.node_id):
             return self._refused(

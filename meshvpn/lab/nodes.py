@@ -21,6 +21,7 @@ from meshvpn.errors import LocalError
 from meshvpn.lab.lab import Lab
 
 RELAY_PORT = 51820
+LAB_INTERNET = "203.0.113.0/24"
 AGENT_START_TIMEOUT = 20.0
 
 
@@ -96,14 +97,23 @@ def relay_endpoint(lab: Lab, index: int) -> str:
     return f"{host}:{RELAY_PORT}"
 
 
-def start_relay(lab: Lab, index: int, *extra: str, broker: bool = False) -> dict[str, Any]:
+def start_relay(
+    lab: Lab, index: int, *extra: str, broker: bool = False, program: list[str] | None = None
+) -> dict[str, Any]:
+    """Start a relay agent in relayN and wait until it answers (and has announced).
+
+    ``program`` replaces ``python -m meshvpn relay`` (tests run rogue relays so)."""
     node = f"relay{index}"
     meshvpn(lab, node, "init")
     sd = node_state_dir(lab, node)
-    argv = meshvpn_argv(
-        "relay", "--state-dir", str(sd), "--interface", node_ifname(lab, node),
-        "--listen-port", str(RELAY_PORT), *extra,
-    )  # fmt: skip
+    head = program if program is not None else meshvpn_argv("relay")
+    argv = [
+        *head, "--state-dir", str(sd), "--interface", node_ifname(lab, node),
+        "--listen-port", str(RELAY_PORT),
+        # The lab's internet lives in documentation ranges, which the exit policy
+        # closes by default, as it should on a real router.
+        "--allow", LAB_INTERNET, *extra,
+    ]  # fmt: skip
     if broker:
         argv += ["--broker", broker_address(lab), "--endpoint", relay_endpoint(lab, index)]
     pid = lab.spawn(node, argv, log=sd / "agent.log")

@@ -7,6 +7,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from accounting.receipts import Receipt
 from meshvpn.identity import PublicKey
 from meshvpn.messages import (
     KNOWN_ROLES,
@@ -71,6 +72,8 @@ def messages(draw: st.DrawFn, cls: type[Message]) -> Message:
         )
         if values["issued_ms"] >= values["expires_ms"]:
             values["issued_ms"] = values["expires_ms"] - 1
+    if cls is Receipt:
+        values["path"] = tuple(draw(st.lists(keys, min_size=1, max_size=8, unique=True)))
     if cls is SessionGrant:
         values["status"] = draw(st.sampled_from(sorted(STATUS_NAMES)))
         values["tunnel_prefix"] = draw(st.integers(0, 32))

@@ -167,6 +167,7 @@ def run(
     client_answers: bool = True,
     inflate: int = 1,
     step_ms: int = 100,
+    loss_pct: int = 0,
 ) -> list[object]:
     """Drive both sides: the wire is in-memory, traffic grows the raw counters."""
     events: list[object] = []
@@ -175,7 +176,7 @@ def run(
     for delta in traffic:
         now += step_ms
         raw = Counters(raw.up + delta.up, raw.down + delta.down)
-        client.observe(raw)
+        client.observe(Counters(raw.up, raw.down * (100 - loss_pct) // 100))
         for action in relay.observe(raw, now):
             events.append(action)
             if isinstance(action, SendStatement) and client_answers:
@@ -208,6 +209,31 @@ def test_honest_session_is_receipted_within_one_interval() -> None:
     assert final.complete
     assert final.receipt.bytes_down == relay.receipted_counters.down
     assert client.cost == final.receipt.cost > 0
+
+
+@pytest.mark.parametrize("loss_pct", [1, 9, 18])
+def test_lossy_path_honest_pair_agrees_and_client_pays_what_arrived(loss_pct: int) -> None:
+    relay, client = RelaySession(terms()), ClientSession(terms())
+    events = run(relay, client, [Counters(1000, MIB)] * 200, loss_pct=loss_pct)
+    assert relay.state is RelayState.ACTIVE
+    assert not [e for e in events if isinstance(e, ReceiptRejected | StatementRefused)]
+    assert relay.receipted is not None
+    arrived = client.counted.down
+    assert relay.receipted.bytes_down <= arrived + tolerance(arrived)
+
+
+def test_over_signing_is_rejected() -> None:
+    relay, client = RelaySession(terms()), ClientSession(terms())
+    run(relay, client, [Counters(0, MIB)] * 10)
+    (statement,) = [
+        a for a in relay.observe(Counters(0, 20 * MIB), NOW + 5_000) if isinstance(a, SendStatement)
+    ]
+    good = relay.receipted
+    assert good is not None
+    high = Receipt(**{**good.__dict__, "seq": statement.statement.seq, "bytes_down": 21 * MIB})
+    assert relay.on_receipt(sign_receipt(high, CLIENT), RELAYS[0], NOW + 5_001) == [
+        ReceiptRejected("over-signed")
+    ]
 
 
 @settings(max_examples=50)
@@ -258,7 +284,7 @@ def test_under_signing_and_replay_are_rejected() -> None:
         **{
             **good.__dict__,
             "seq": statement.statement.seq,
-            "bytes_down": statement.statement.counters.down - 1,
+            "bytes_down": statement.statement.counters.down // 2,
         }
     )
     assert relay.on_receipt(sign_receipt(low, CLIENT), RELAYS[0], NOW + 20_001) == [

@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from meshvpn.identity import PublicKey
 from meshvpn.tunnel import full_tunnel
-from relay.exit import exit_ruleset
 from relay.pool import AddressPool, PoolExhaustedError
 
 keys = st.binary(min_size=32, max_size=32).map(PublicKey)
@@ -60,10 +59,3 @@ def test_full_tunnel_is_wg_quick_shaped() -> None:
         assert suppress.table == 254
         assert (tunnel.fwmark, tunnel.invert, tunnel.table) == (51820, True, 51820)
     assert len(full_tunnel("wg0", ipv6=False).rules) == 2
-
-
-def test_exit_ruleset_masquerades_pool_and_drops_spoofing() -> None:
-    text = exit_ruleset("mv0", ipaddress.IPv4Network("100.64.3.0/24"))
-    assert "delete table inet meshvpn" in text  # atomic replace
-    assert "ip saddr != 100.64.3.0/24 counter drop" in text
-    assert 'ip saddr 100.64.3.0/24 oifname != "mv0" counter masquerade' in text

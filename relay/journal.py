@@ -1,0 +1,110 @@
+"""The relay's receipt journal: nothing acknowledged is ever lost.
+
+SQLite in WAL mode with ``synchronous=FULL``: ``record`` returns only once the
+countersigned bundle is on disk, and the agent acknowledges the receipt to the
+client only after that. Delivery to accounting is at-least-once: ``pending``
+gives, per session, the newest bundle not yet handed to the broker (receipts
+are cumulative, so the newest supersedes every older one), and
+``mark_delivered`` is called after the broker acknowledged it (MQTT QoS 1). A
+crash between the two re-sends it, which the ledger ignores as a duplicate.
+
+The journal also keeps each session's metered byte totals, so a restarted
+relay goes on counting from where it was rather than from zero.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from accounting.exchange import Counters
+from accounting.receipts import ReceiptBundle
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS receipts (
+    session_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    bundle BLOB NOT NULL,
+    bytes_up INTEGER NOT NULL,
+    bytes_down INTEGER NOT NULL,
+    recorded_ms INTEGER NOT NULL,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (session_id, seq)
+);
+CREATE TABLE IF NOT EXISTS meters (
+    session_id BLOB PRIMARY KEY,
+    bytes_up INTEGER NOT NULL,
+    bytes_down INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Pending:
+    session_id: bytes
+    seq: int
+    bundle: bytes
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def record(self, bundle: ReceiptBundle, now_ms: int) -> None:
+        r = bundle.receipt
+        with self.db:
+            self.db.execute(
+                "INSERT OR IGNORE INTO receipts"
+                " (session_id, seq, bundle, bytes_up, bytes_down, recorded_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (r.session_id, r.seq, bundle.encode(), r.bytes_up, r.bytes_down, now_ms),
+            )
+
+    def latest(self, session_id: bytes) -> ReceiptBundle | None:
+        row = self.db.execute(
+            "SELECT bundle FROM receipts WHERE session_id = ? ORDER BY seq DESC LIMIT 1",
+            (session_id,),
+        ).fetchone()
+        return ReceiptBundle.decode(row[0]) if row else None
+
+    def pending(self) -> list[Pending]:
+        rows = self.db.execute(
+            "SELECT session_id, seq, bundle FROM receipts r WHERE delivered = 0"
+            " AND seq = (SELECT MAX(seq) FROM receipts WHERE session_id = r.session_id)"
+        ).fetchall()
+        return [Pending(bytes(s), int(q), bytes(b)) for s, q, b in rows]
+
+    def pending_count(self) -> int:
+        row = self.db.execute(
+            "SELECT COUNT(DISTINCT session_id) FROM receipts WHERE delivered = 0"
+        ).fetchone()
+        return int(row[0])
+
+    def mark_delivered(self, session_id: bytes, seq: int) -> None:
+        with self.db:
+            self.db.execute(
+                "UPDATE receipts SET delivered = 1 WHERE session_id = ? AND seq <= ?",
+                (session_id, seq),
+            )
+
+    def save_meter(self, session_id: bytes, counted: Counters) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT INTO meters (session_id, bytes_up, bytes_down) VALUES (?, ?, ?)"
+                " ON CONFLICT (session_id) DO UPDATE SET"
+                " bytes_up = excluded.bytes_up, bytes_down = excluded.bytes_down",
+                (session_id, counted.up, counted.down),
+            )
+
+    def meter(self, session_id: bytes) -> Counters:
+        row = self.db.execute(
+            "SELECT bytes_up, bytes_down FROM meters WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        return Counters(int(row[0]), int(row[1])) if row else Counters()

@@ -1,0 +1,260 @@
+"""The relay's receipt desk: metering, statements, countersigning, delivery.
+
+Thin asyncio adapter around ``accounting.exchange.RelaySession`` (one per
+session): it reads the WireGuard counters every ``READ_INTERVAL_S``, sends the
+statements the sessions ask for to the clients' tunnel addresses, takes
+receipts on UDP ``CHANNEL_PORT`` at the relay's tunnel gateway address,
+journals each countersigned bundle durably before acknowledging it, and hands
+the newest bundle per session to the broker (QoS 1) until the broker has it.
+Python never touches the clients' packets; only WireGuard's counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, cast
+
+from accounting.exchange import (
+    CHANNEL_PORT,
+    READ_INTERVAL_S,
+    ClientCutOff,
+    Counters,
+    Meter,
+    ReceiptCountersigned,
+    ReceiptRejected,
+    RelaySession,
+    SendStatement,
+    Terms,
+)
+from accounting.receipts import GIB
+from meshvpn.identity import Identity, PublicKey
+from meshvpn.mqtt import ControlLink
+from meshvpn.wireguard.backend import WireGuardDevice
+from relay.journal import Journal
+from relay.sessions import Session
+
+log = logging.getLogger("meshvpn.metering")
+
+FORWARD_INTERVAL_S: Final = 1.0
+MAX_CUT_OFFS_KEPT: Final = 20
+METER_SAVE_S: Final = 1.0
+
+CutOff = Callable[[PublicKey, str], Awaitable[None]]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def receipts_topic(node_id: str) -> str:
+    return f"meshvpn/v1/receipts/{node_id}"
+
+
+@dataclass
+class _Open:
+    session: Session
+    exchange: RelaySession
+    last_receipt_ms: int = 0
+
+
+class _Channel(asyncio.DatagramProtocol):
+    def __init__(self, desk: ReceiptDesk) -> None:
+        self.desk = desk
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast("asyncio.DatagramTransport", transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.desk.on_datagram(data, str(addr[0]), int(addr[1]))
+
+
+class ReceiptDesk:
+    def __init__(self, identity: Identity, journal_path: Path) -> None:
+        self.identity = identity
+        self.journal = Journal(journal_path)
+        self.open: dict[PublicKey, _Open] = {}
+        self.by_address: dict[str, PublicKey] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._logged: set[str] = set()
+        self._channel: _Channel | None = None
+        self._deliver = asyncio.Event()
+        self.cut_offs: list[dict[str, Any]] = []  # the latest few, for status and alerts
+
+    # ---- sessions come and go
+
+    def start(self, session: Session) -> None:
+        """Meter a session from now on (or again, after a restart)."""
+        if session.wireguard_key in self.open:
+            return
+        terms = Terms(
+            session_id=session.session_id,
+            client=session.client_identity,
+            path=(self.identity.identity_public,),
+            price_per_gib=session.price_per_gib,
+            started_ms=session.granted_ms,
+        )
+        exchange = RelaySession(terms)
+        latest = self.journal.latest(session.session_id)
+        restored = self.journal.meter(session.session_id)
+        if latest is not None:
+            exchange.receipted = latest.receipt
+            restored = Counters(
+                max(restored.up, latest.receipt.bytes_up),
+                max(restored.down, latest.receipt.bytes_down),
+            )
+            exchange.seq = latest.receipt.seq
+        exchange.meter = Meter(restored)  # the device's counters start again from zero
+        exchange.stated = restored
+        self.open[session.wireguard_key] = _Open(session, exchange)
+        self.by_address[str(session.address)] = session.wireguard_key
+
+    def stop(self, key: PublicKey) -> None:
+        held = self.open.pop(key, None)
+        if held is not None:
+            self.journal.save_meter(held.session.session_id, held.exchange.counted)
+            self.by_address.pop(str(held.session.address), None)
+
+    def close(self) -> None:
+        for key in list(self.open):
+            self.stop(key)
+        self.journal.close()
+
+    # ---- the loops
+
+    async def serve_channel(self, gateway: ipaddress.IPv4Address) -> None:
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: _Channel(self), local_addr=(str(gateway), CHANNEL_PORT)
+        )
+        self._channel = protocol
+        try:
+            await asyncio.Event().wait()
+        finally:
+            transport.close()
+
+    async def meter(self, device: WireGuardDevice, cut_off: CutOff) -> None:
+        last_save = 0.0
+        while True:
+            await asyncio.sleep(READ_INTERVAL_S)
+            if not self.open:
+                continue
+            peers = (await device.state()).peers
+            now = now_ms()
+            for key, held in list(self.open.items()):
+                peer = peers.get(key)
+                if peer is None:
+                    continue
+                raw = Counters(up=peer.rx_bytes, down=peer.tx_bytes)
+                for action in held.exchange.observe(raw, now):
+                    if isinstance(action, SendStatement):
+                        self._send(action.statement.encode(), str(held.session.address))
+                        self.counters["statements"] += 1
+                    elif isinstance(action, ClientCutOff):
+                        self.counters["cut-off"] += 1
+                        self.cut_offs.append(
+                            {
+                                "client_id": held.session.client_identity.b64,
+                                "reason": action.reason,
+                                "bytes_unreceipted": action.unreceipted.total,
+                                "allowance": held.exchange.terms.grace_bytes,
+                                "at_ms": now,
+                            }
+                        )
+                        del self.cut_offs[:-MAX_CUT_OFFS_KEPT]
+                        log.warning(
+                            "cut off client %s… at %s: %s",
+                            held.session.client_identity.b64[:8],
+                            held.session.address,
+                            action.reason,
+                        )
+                        await cut_off(key, action.reason)
+            if time.monotonic() - last_save > METER_SAVE_S:
+                last_save = time.monotonic()
+                for held in self.open.values():
+                    self.journal.save_meter(held.session.session_id, held.exchange.counted)
+
+    async def deliver(self, link: ControlLink | None) -> None:
+        """At-least-once to accounting: the newest bundle per session, until the broker has it."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._deliver.wait(), FORWARD_INTERVAL_S)
+            self._deliver.clear()
+            if link is None or not link.connected.is_set():
+                continue
+            for item in self.journal.pending():
+                if not await link.publish(receipts_topic(self.identity.node_id), item.bundle):
+                    break
+                self.journal.mark_delivered(item.session_id, item.seq)
+                self.counters["delivered"] += 1
+
+    # ---- datagrams from clients
+
+    def _send(self, data: bytes, address: str) -> None:
+        if self._channel is not None and self._channel.transport is not None:
+            self._channel.transport.sendto(data, (address, CHANNEL_PORT))
+
+    def on_datagram(self, data: bytes, source: str, port: int) -> None:
+        key = self.by_address.get(source)
+        held = self.open.get(key) if key is not None else None
+        if held is None:
+            self._reject("unknown-source", source)
+            return
+        now = now_ms()
+        for action in held.exchange.on_receipt(data, self.identity.identity_key, now):
+            if isinstance(action, ReceiptCountersigned):
+                self.journal.record(action.bundle, now)  # on disk before the client hears "ok"
+                self.journal.save_meter(held.session.session_id, held.exchange.counted)
+                held.last_receipt_ms = now
+                self.counters["receipts"] += 1
+                if self._channel is not None and self._channel.transport is not None:
+                    self._channel.transport.sendto(action.ack.encode(), (source, port))
+                self._deliver.set()
+            elif isinstance(action, ReceiptRejected):
+                self._reject(action.reason, source)
+
+    def _reject(self, reason: str, source: str) -> None:
+        self.counters[f"receipt-rejected:{reason}"] += 1
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning(
+                "rejected a receipt from %s (%s); further ones are only counted", source, reason
+            )
+
+    # ---- status
+
+    def session_status(self, key: PublicKey) -> dict[str, Any] | None:
+        held = self.open.get(key)
+        if held is None:
+            return None
+        ex = held.exchange
+        receipted = ex.receipted_counters
+        return {
+            "state": ex.state.value,
+            "bytes_counted": ex.counted.total,
+            "bytes_counted_up": ex.counted.up,
+            "bytes_counted_down": ex.counted.down,
+            "bytes_receipted": receipted.total,
+            "bytes_unreceipted": ex.unreceipted.total,
+            "bytes_lost_forgiven": max(0, ex.answered.total - receipted.total),
+            "receipt_seq": ex.receipted.seq if ex.receipted else 0,
+            "last_receipt_ms": held.last_receipt_ms or None,
+            "price_per_gib": held.session.price_per_gib,
+            "revenue": receipted.total * held.session.price_per_gib // GIB,
+            "receipts_rejected": ex.rejected,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pending_delivery": self.journal.pending_count(),
+            "cut_offs": self.cut_offs,
+            **dict(self.counters),
+        }
