@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import ipaddress
 import os
@@ -90,16 +91,31 @@ class PrivateKey:
         """For the WireGuard UAPI only; never log the result."""
         return self.raw.hex()
 
-    def x25519_public(self) -> PublicKey:
+    # Key objects and public halves are derived once: each derivation is a scalar
+    # multiplication, which made signing a receipt five times dearer than the
+    # signature itself. (cached_property writes to __dict__, so this works on a
+    # frozen dataclass and stays out of eq and repr.)
+    @functools.cached_property
+    def _ed25519(self) -> ed25519.Ed25519PrivateKey:
+        return ed25519.Ed25519PrivateKey.from_private_bytes(self.raw)
+
+    @functools.cached_property
+    def _x25519_public(self) -> PublicKey:
         priv = x25519.X25519PrivateKey.from_private_bytes(self.raw)
         return PublicKey(priv.public_key().public_bytes(_RAW, _RAW_PUB))
 
+    @functools.cached_property
+    def _ed25519_public(self) -> PublicKey:
+        return PublicKey(self._ed25519.public_key().public_bytes(_RAW, _RAW_PUB))
+
+    def x25519_public(self) -> PublicKey:
+        return self._x25519_public
+
     def ed25519_public(self) -> PublicKey:
-        priv = ed25519.Ed25519PrivateKey.from_private_bytes(self.raw)
-        return PublicKey(priv.public_key().public_bytes(_RAW, _RAW_PUB))
+        return self._ed25519_public
 
     def ed25519_sign(self, message: bytes) -> bytes:
-        return ed25519.Ed25519PrivateKey.from_private_bytes(self.raw).sign(message)
+        return self._ed25519.sign(message)
 
 
 def new_x25519() -> PrivateKey:
