@@ -7,6 +7,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+import accounting.epochs  # noqa: F401 - registers EpochStatement for any_message
 from accounting.receipts import Receipt
 from meshvpn.identity import PublicKey
 from meshvpn.messages import (
