@@ -377,7 +377,13 @@ def test_up_and_down_leave_the_root_namespace_alone(make_lab: MakeLab) -> None:
     # A process the lab did not start, forking a child, and one that ignores SIGTERM.
     lab.spawn("client1", ["sh", "-c", "sleep 300 & sleep 300"])
     lab.spawn("relay1", ["sh", "-c", "trap '' TERM; sleep 300"])
-    lab_pids = [p for n in lab.plan.nodes for p in netns.netns_pids(n.netns)]
+    # The shells fork their sleeps a moment after spawn() returns: wait for them.
+    deadline = time.monotonic() + 10
+    while True:
+        lab_pids = [p for n in lab.plan.nodes for p in netns.netns_pids(n.netns)]
+        if len(lab_pids) >= 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(lab_pids) >= 5  # web server, 2 x sh, 2 x sleep
     bystander = subprocess.Popen(["sleep", "300"])
     try:
