@@ -23,7 +23,6 @@ import ipaddress
 import json
 import logging
 import os
-import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -31,6 +30,7 @@ from typing import Any, Final, cast
 from accounting.exchange import CHANNEL_PORT
 from meshvpn import __version__
 from meshvpn.agent import DEFAULT_POOL, TUNNEL_MTU, Agent, CommonOptions
+from meshvpn.clock import now_ms
 from meshvpn.directory import announce_topic, reply_topic, session_topic
 from meshvpn.errors import LocalError
 from meshvpn.footprint import nft_apply, write_sysctl
@@ -58,10 +58,6 @@ log = logging.getLogger("meshvpn.relay")
 
 EXPIRY_CHECK_S: Final = 5.0
 BAN_MS: Final = 10 * 60_000
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)

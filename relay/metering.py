@@ -35,6 +35,7 @@ from accounting.exchange import (
     Terms,
 )
 from accounting.receipts import GIB
+from meshvpn.clock import now_ms
 from meshvpn.identity import Identity, PublicKey
 from meshvpn.mqtt import ControlLink
 from meshvpn.wireguard.backend import WireGuardDevice
@@ -48,10 +49,6 @@ MAX_CUT_OFFS_KEPT: Final = 20
 METER_SAVE_S: Final = 1.0
 
 CutOff = Callable[[PublicKey, str], Awaitable[None]]
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def receipts_topic(node_id: str) -> str:
