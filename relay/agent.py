@@ -195,23 +195,27 @@ class RelayAgent(Agent):
         if opts.exit:
             self.footprint.will_set_sysctl("net.ipv4.ip_forward")
             write_sysctl("net.ipv4.ip_forward", "1")
-            host = await discover_host_networks(opts.ifname)
-            log.info(
-                "exit: clients may not reach this router (%s) nor its LAN (%s)",
-                ", ".join(map(str, host.router_addresses)) or "no addresses",
-                ", ".join(map(str, host.lan_networks)) or "none found",
+        # The table goes in with exit off too: a home router forwards already, and
+        # clients must reach neither its LAN nor the internet through it then.
+        host = await discover_host_networks(opts.ifname)
+        log.info(
+            "exit %s: clients may not reach this router (%s) nor its LAN (%s)",
+            "on" if opts.exit else "off",
+            ", ".join(map(str, host.router_addresses)) or "no addresses",
+            ", ".join(map(str, host.lan_networks)) or "none found",
+        )
+        self.footprint.will_create_nft_table(EXIT_TABLE)
+        nft_apply(
+            exit_ruleset(
+                opts.ifname,
+                opts.pool,
+                opts.exit_policy,
+                lan_networks=host.lan_networks,
+                router_addresses=host.router_addresses,
+                client_services=(("udp", CHANNEL_PORT),),  # receipts come back here
+                forward=opts.exit,
             )
-            self.footprint.will_create_nft_table(EXIT_TABLE)
-            nft_apply(
-                exit_ruleset(
-                    opts.ifname,
-                    opts.pool,
-                    opts.exit_policy,
-                    lan_networks=host.lan_networks,
-                    router_addresses=host.router_addresses,
-                    client_services=(("udp", CHANNEL_PORT),),  # receipts come back here
-                )
-            )
+        )
         await self._apply_peers()
 
     def background(self) -> list[Coroutine[Any, Any, None]]:

@@ -439,9 +439,12 @@ def exit_ruleset(
     lan_networks: Iterable[Network],
     router_addresses: Iterable[Address],
     client_services: tuple[tuple[str, int], ...] = (),
+    forward: bool = True,
 ) -> str:
     """The whole table, as ``nft -f`` input. ``client_services`` (proto, port) stay
-    open to clients on the tunnel gateway address."""
+    open to clients on the tunnel gateway address. With ``forward`` off (a relay
+    that is no exit) clients' traffic is not forwarded anywhere: a home router
+    usually forwards already, and its LAN must stay closed all the same."""
     if not _IFNAME_RE.fullmatch(wg_ifname):
         raise LocalError(f"bad interface name {wg_ifname!r}")
     for proto, port in client_services:
@@ -459,6 +462,8 @@ def exit_ruleset(
     wg = f'iifname "{wg_ifname}"'
 
     counters = dict(COUNTERS)
+    if not forward:
+        counters["no_exit"] = "this relay is not an exit"
     if policy.dns is not None:
         counters["dns_redirected"] = "clients' DNS sent to --dns"
     declarations = "".join(
@@ -498,6 +503,16 @@ def exit_ruleset(
     for proto in PROTOCOLS:
         destinations += drop(f"{proto} dport @blocked_{proto}", "blocked_port")
 
+    if forward:
+        exit_rules = (
+            f"        {wg} counter accept\n"
+            f'        oifname "{wg_ifname}" ct state established,related counter accept\n'
+        )
+        masquerade = f'        ip saddr {pool} oifname != "{wg_ifname}" counter masquerade\n'
+    else:
+        exit_rules = drop("", "no_exit", counters["no_exit"])
+        masquerade = ""
+
     prerouting = ""
     if policy.dns is not None:
         prerouting = (
@@ -530,12 +545,11 @@ table {TABLE} {{
         {wg} tcp flags syn / syn,rst tcp option maxseg size set rt mtu
         oifname "{wg_ifname}" tcp flags syn / syn,rst tcp option maxseg size set rt mtu
 {destinations}\
-        {wg} counter accept
-        oifname "{wg_ifname}" ct state established,related counter accept
+{exit_rules}\
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
-        ip saddr {pool} oifname != "{wg_ifname}" counter masquerade
+{masquerade}\
     }}
 }}
 """

@@ -271,3 +271,14 @@ def test_dns_goes_to_the_chosen_resolver_never_the_lan(make_lab: Callable[..., L
     assert ip_packets(at_lan) == []
     assert counters(lab, "relay1")["dns_redirected"] >= len(asked)
     assert fetch(lab, "client1", "/ip").decode() == str(relay.wan_addr)
+
+
+def test_relay_without_exit_forwards_nothing(make_lab: Callable[..., Lab]) -> None:
+    """The lab's relays are home routers that forward already: --no-exit must still close."""
+    lab = make_lab(1, 1)
+    assert lab.exec("relay1", ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == b"1"
+    start_relay(lab, 1, "--no-exit")
+    connect_client(lab, 1, 1)
+    with pytest.raises(Exception, match="failed"):
+        fetch(lab, "client1", "/ip", timeout=3)
+    assert counters(lab, "relay1")["no_exit"] >= 1
