@@ -210,6 +210,9 @@ class ReceiptRejected:
 class ClientCutOff:
     reason: str
     unreceipted: Counters
+    # True when the client took more than the allowance without paying, or sent bad
+    # receipts; False when it merely went quiet (it may have disconnected mid-interval).
+    abusive: bool
 
 
 RelayAction = SendStatement | ReceiptCountersigned | ReceiptRejected | ClientCutOff
@@ -253,9 +256,11 @@ class RelaySession:
         owed = self.unreceipted
         silent_ms = now_ms - self.last_receipt_ms
         if owed.total * 2 > self.terms.grace_bytes:
-            return self._cut(f"{owed.total} bytes unreceipted, over half the grace allowance")
+            return self._cut(
+                f"{owed.total} bytes unreceipted, over half the grace allowance", abusive=True
+            )
         if owed.total and silent_ms > self.terms.grace_s * 1000:
-            return self._cut(f"no receipt for {silent_ms // 1000} s")
+            return self._cut(f"no receipt for {silent_ms // 1000} s", abusive=self.rejected > 0)
         new = self.counted - self.stated
         due_time = now_ms - self.stated_ms >= self.terms.interval_s * 1000
         due_bytes = new.total >= self.terms.interval_bytes
@@ -272,9 +277,9 @@ class RelaySession:
             del self.recent[old]
         return statement
 
-    def _cut(self, reason: str) -> list[RelayAction]:
+    def _cut(self, reason: str, *, abusive: bool) -> list[RelayAction]:
         self.state = RelayState.CUT_OFF
-        return [ClientCutOff(reason, self.unreceipted)]
+        return [ClientCutOff(reason, self.unreceipted, abusive)]
 
     def on_receipt(self, wire: bytes, relay_key: PrivateKey, now_ms: int) -> list[RelayAction]:
         if self.state is RelayState.CUT_OFF:

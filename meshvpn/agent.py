@@ -3,7 +3,8 @@
 Life of an agent:
 
 1. lock the state directory (a second agent on it refuses);
-2. remove whatever a crashed predecessor left (its footprint);
+2. remove whatever a crashed predecessor left (its footprint), but a table
+   the node replaces in place itself (the client's lockdown: no gap);
 3. build the node: WireGuard device, addresses, NAT or full-tunnel routing,
    each resource written to the footprint before it is created;
 4. say "ready" (``--ready-fd`` for ``meshvpn connect``'s parent, sd_notify
@@ -94,6 +95,12 @@ class CommonOptions:
     ifname: str
     backend: BackendName = "auto"
     ready_fd: int | None = None
+
+    def kept_on_restart(self) -> frozenset[str]:
+        """nftables tables a crashed predecessor left that this agent takes over and
+        replaces atomically itself, instead of deleting them at start (for the
+        client's lockdown, a gap between the two agents would be a leak)."""
+        return frozenset()
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -202,8 +209,20 @@ class Agent:
     async def _clean_leftovers(self) -> None:
         if self.footprint.empty:
             return
-        for line in await self.footprint.remove_all():
+        fp = self.footprint
+        kept = [t for t in fp.nft_tables if t in self.opts.kept_on_restart()]
+        if kept:
+            # The rest is removed through the old object, pointed elsewhere: the file
+            # lists everything until the footprint of just the kept tables replaces
+            # it, so a crash in between only means the next start removes it again.
+            self.footprint = Footprint(fp.path, nft_tables=kept)
+            fp.path = fp.path.with_suffix(".leftovers")
+            fp.nft_tables = [t for t in fp.nft_tables if t not in kept]
+        for line in await fp.remove_all():
             log.warning("cleaned up after a previous run: %s", line)
+        if kept:
+            self.footprint.save()
+            log.warning("took over from a previous run: nftables table %s", ", ".join(kept))
 
     def spawn(self, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a job owned by the agent: it ends when the agent stops."""

@@ -171,6 +171,8 @@ def _connect_options(args: argparse.Namespace) -> Any:  # noqa: ANN401
         exit_region=args.exit_region,
         max_price=args.max_price,
         handshake_timeout=args.timeout,
+        lockdown=args.lockdown,
+        allow_lan=args.allow_lan,
     )
 
 
@@ -262,6 +264,7 @@ def _stop_child(pid: int, *, signal_first: bool = True) -> None:
 def cmd_down(args: argparse.Namespace) -> int:
     from meshvpn.agent import StateLock, clean_stale  # noqa: PLC0415
     from meshvpn.control import call  # noqa: PLC0415
+    from meshvpn.killswitch import TABLE as LOCKDOWN_TABLE  # noqa: PLC0415
 
     state_dir = _state_dir(args)
     if not state_dir.is_dir():
@@ -283,6 +286,8 @@ def cmd_down(args: argparse.Namespace) -> int:
     removed = asyncio.run(clean_stale(state_dir))
     for line in removed:
         print(f"cleaned up: {line}")
+    if any(LOCKDOWN_TABLE in line for line in removed):
+        print("the lockdown is lifted: this host's network is open again")
     if not removed:
         print("no agent running and nothing left behind")
     return 0
@@ -292,12 +297,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     from meshvpn.agent import StateLock  # noqa: PLC0415
     from meshvpn.control import call  # noqa: PLC0415
     from meshvpn.footprint import Footprint  # noqa: PLC0415
+    from meshvpn.killswitch import lockdown_left  # noqa: PLC0415
 
     state_dir = _state_dir(args)
     if state_dir.is_dir() and not StateLock(state_dir).held_by_other():
-        leftovers = not Footprint.load(state_dir).empty
+        footprint = Footprint.load(state_dir)
+        leftovers = not footprint.empty
+        lockdown = lockdown_left(footprint)
         if args.json:
-            _print_json({"running": False, "leftovers": leftovers})
+            _print_json({"running": False, "leftovers": leftovers, "lockdown": lockdown})
+        elif lockdown:
+            print(
+                "not running; blocked: the last session ended without disconnect;"
+                " run `meshvpn disconnect` to restore the network"
+            )
         else:
             print(
                 "not running"
@@ -311,6 +324,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_json(answer)
         return 0
     _print_status(answer)
+    if answer.get("role") == "client":
+        dropped = sum((answer.get("lockdown_dropped") or {}).values())
+        print(
+            f"lockdown on: nothing leaves outside the tunnel ({dropped} packet(s) blocked)"
+            if answer.get("lockdown")
+            else "lockdown off: if the agent dies, traffic leaves outside the tunnel"
+        )
     return 0
 
 
@@ -519,6 +539,24 @@ def _add_connect_parser(sub: Any) -> None:  # noqa: ANN401
     g.add_argument("--relay-key", metavar="KEY", help="the relay's WireGuard public key")
     g.add_argument(
         "--address", metavar="CIDR", help="this client's tunnel address, from `meshvpn admit`"
+    )
+    g = p.add_argument_group(
+        "kill switch",
+        "With --lockdown (the default) nothing leaves this host outside the tunnel: not"
+        " while connecting (only the broker, the relays' probes, DHCP), not if the agent"
+        " dies (the block stays until `meshvpn disconnect`).",
+    )
+    g.add_argument(
+        "--lockdown",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="block all traffic outside the tunnel (default: on)",
+    )
+    g.add_argument(
+        "--allow-lan",
+        action="store_true",
+        help="with --lockdown, still let this host and its directly connected private"
+        " subnets (home LAN) reach each other",
     )
     p.add_argument(
         "--timeout",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -41,6 +42,7 @@ from accounting.exchange import (
 )
 from accounting.receipts import verify_receipt
 from meshvpn.agent import CLIENT_KEEPALIVE, TUNNEL_MTU, Agent, CommonOptions, ipv6_enabled
+from meshvpn.clock import now_ms
 from meshvpn.directory import (
     ANNOUNCE_PREFIX,
     TIE_MS,
@@ -55,6 +57,14 @@ from meshvpn.errors import LocalError, RemoteError
 from meshvpn.footprint import write_sysctl
 from meshvpn.handshake import PendingRequest, open_request
 from meshvpn.identity import PublicKey
+from meshvpn.killswitch import TABLE as LOCKDOWN_TABLE
+from meshvpn.killswitch import (
+    Allowed,
+    address_of,
+    dropped_counts,
+    lock_down,
+    set_allowed,
+)
 from meshvpn.messages import STATUS_NAMES, MessageError, SessionGrant, SessionRequest
 from meshvpn.mqtt import BrokerAddress, ControlLink
 from meshvpn.netconf import Netlink
@@ -74,10 +84,6 @@ MAX_ATTEMPTS: Final = 3
 ANY_PRICE: Final = 2**64 - 1
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 @dataclass(frozen=True)
 class ClientOptions(CommonOptions):
     relay: Endpoint | None = None
@@ -89,6 +95,11 @@ class ClientOptions(CommonOptions):
     max_price: int | None = None
     handshake_timeout: float = 10.0
     fwmark: int = DEFAULT_FWMARK
+    lockdown: bool = True  # the kill switch: see meshvpn.killswitch
+    allow_lan: bool = False
+
+    def kept_on_restart(self) -> frozenset[str]:
+        return frozenset({LOCKDOWN_TABLE}) if self.lockdown else frozenset()
 
 
 @dataclass(frozen=True)
@@ -192,9 +203,21 @@ class ClientAgent(Agent):
                     "connect needs --broker, or all of --relay, --relay-key and --address"
                 )
             self.chosen = Chosen(opts.relay, opts.relay_key, opts.address)
+            if opts.lockdown:
+                # Before the first packet: only the relay's WireGuard may leave the host.
+                only = Allowed(relays=frozenset({(opts.relay.host, opts.relay.port)}))
+                await lock_down(self.footprint, opts.ifname, opts.fwmark, only, opts.allow_lan)
             return
+        broker, allowed = opts.broker, Allowed()
+        if opts.lockdown:
+            # Before the broker connection or a probe: from here on only what the
+            # lockdown lets out leaves the host (meshvpn.killswitch).
+            address = await address_of(broker.host, "broker")
+            broker = BrokerAddress(str(address), broker.port)
+            allowed = Allowed(broker=frozenset({(address, broker.port)}))
+            await lock_down(self.footprint, opts.ifname, opts.fwmark, allowed, opts.allow_lan)
         self.link = ControlLink(
-            opts.broker,
+            broker,
             name=f"client-{self.identity.node_id}",
             # QoS 0: announcements are refreshed anyway, and QoS 0 is not held
             # back by the broker's in-flight window when thousands are retained.
@@ -210,7 +233,20 @@ class ClientAgent(Agent):
                 "check the address (--broker host:port) and that the broker runs",
             ) from None
         await self._gather()
+        if opts.lockdown:
+            # Exactly the relays _find_relay probes, at the address each announces.
+            candidates = self.directory.candidates(
+                now_ms(), near=opts.near, exit_region=opts.exit_region, max_price=opts.max_price
+            )[:PROBE_CANDIDATES]
+            probes = frozenset(
+                (e.announcement.endpoints[0][0], e.announcement.probe_port) for e in candidates
+            )
+            await set_allowed(dataclasses.replace(allowed, probes=probes))
         self.chosen = await self._find_relay()
+        if opts.lockdown:
+            # The chosen relay's WireGuard may leave now; probing is over.
+            relay = frozenset({(self.chosen.endpoint.host, self.chosen.endpoint.port)})
+            await set_allowed(dataclasses.replace(allowed, relays=relay))
 
     async def _gather(self) -> None:
         """Wait until the broker has sent every retained announcement.
@@ -371,6 +407,10 @@ class ClientAgent(Agent):
             for rule in plan.rules:
                 self.footprint.will_add_rule(rule)
                 await nl.rule_add(rule)
+        if opts.lockdown:
+            # Everything routes into the tunnel now: only WireGuard may leave the host.
+            relay = chosen.endpoint
+            await set_allowed(Allowed(relays=frozenset({(relay.host, relay.port)})))
         if self.link is not None:
             # The broker connection was made over the uplink; from now on its packets
             # would go into the tunnel with the uplink's source and be dropped. Start
@@ -521,6 +561,7 @@ class ClientAgent(Agent):
     async def status(self) -> dict[str, Any]:
         base = await super().status()
         chosen = self.chosen
+        lockdown = LOCKDOWN_TABLE in self.footprint.nft_tables
         relay: dict[str, Any] = {}
         if chosen is not None:
             relay = {
@@ -567,4 +608,6 @@ class ClientAgent(Agent):
                 "relays": len(self.directory.entries),
                 "rejected": dict(self.directory.rejected),
             },
+            "lockdown": lockdown,
+            "lockdown_dropped": await dropped_counts() if lockdown else {},
         }

@@ -238,11 +238,15 @@ class RelayAgent(Agent):
         jobs.append(self.desk.deliver(self.link))
         return jobs
 
-    async def _cut_off(self, key: PublicKey, reason: str) -> None:
-        """A client stopped paying: end its session and keep it out for a while."""
+    async def _cut_off(self, key: PublicKey, reason: str, abusive: bool) -> None:
+        """End a session that stopped paying; keep an abusive client out for a while.
+
+        A client that merely went quiet (it disconnected between two statements) may
+        come back at once; one that took more than its allowance, or sent bad
+        receipts, waits ``BAN_MS``."""
         session = self.book.end(key)
         self.desk.stop(key)
-        if session is not None:
+        if session is not None and abusive:
             self.book.ban(session.client_identity, now_ms() + BAN_MS)
         log.info("session ended: %s", reason)
         await self._apply_peers()

@@ -48,7 +48,7 @@ FORWARD_INTERVAL_S: Final = 1.0
 MAX_CUT_OFFS_KEPT: Final = 20
 METER_SAVE_S: Final = 1.0
 
-CutOff = Callable[[PublicKey, str], Awaitable[None]]
+CutOff = Callable[[PublicKey, str, bool], Awaitable[None]]  # key, reason, abusive
 
 
 def receipts_topic(node_id: str) -> str:
@@ -173,7 +173,7 @@ class ReceiptDesk:
                             held.session.address,
                             action.reason,
                         )
-                        await cut_off(key, action.reason)
+                        await cut_off(key, action.reason, action.abusive)
             if time.monotonic() - last_save > METER_SAVE_S:
                 last_save = time.monotonic()
                 for held in self.open.values():

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from meshvpn.errors import LocalError
+from meshvpn.lab import netns
 from meshvpn.lab.lab import Lab
+from meshvpn.lab.topology import owns_netns
 
 RELAY_PORT = 51820
 LAB_INTERNET = "203.0.113.0/24"
@@ -230,8 +232,13 @@ def cli(args: argparse.Namespace) -> int:
         try:
             lab = Lab.load(args.prefix)
         except LocalError:
-            print(f"no lab {args.prefix} is up; nothing to do")
-            return 0
+            # No state (e.g. a test's lab under another state root, or a
+            # crash before lab.json was written): the prefix still owns its
+            # namespaces, and down() sweeps them and their processes.
+            lab = Lab(args.prefix)
+            if not any(owns_netns(args.prefix, n) for n in netns.list_netns()):
+                print(f"no lab {args.prefix} is up; nothing to do")
+                return 0
         lab.down()
         print(f"lab {args.prefix} is down; nothing left behind")
         return 0

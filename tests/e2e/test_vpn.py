@@ -171,7 +171,8 @@ def test_kill9_then_restart_removes_leftovers(make_lab) -> None:
         check=False,
     )
     assert status.returncode == 1
-    assert json.loads(status.stdout) == {"running": False, "leftovers": True}
+    # the kill switch (on by default) stays up after a crash, and status says so
+    assert json.loads(status.stdout) == {"running": False, "leftovers": True, "lockdown": True}
     assert "cleaned up" in meshvpn(lab, "client1", "down")
 
     relay_pid = agent_pid(lab, "relay1")

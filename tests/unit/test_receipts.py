@@ -308,3 +308,14 @@ def test_channel_messages_round_trip_and_reject_garbage() -> None:
             Statement.decode(bad)
         with pytest.raises(MessageError):
             Ack.decode(bad)
+
+
+def test_quiet_client_is_cut_without_a_ban_but_a_taker_is_banned() -> None:
+    quiet = RelaySession(terms())
+    events = run(quiet, ClientSession(terms()), [Counters(0, 100)] * 400, client_answers=False)
+    (cut,) = [e for e in events if isinstance(e, ClientCutOff)]
+    assert not cut.abusive  # it may simply have disconnected between two statements
+    taker = RelaySession(terms())
+    events = run(taker, ClientSession(terms()), [Counters(0, 4 * MIB)] * 10, client_answers=False)
+    (cut,) = [e for e in events if isinstance(e, ClientCutOff)]
+    assert cut.abusive
