@@ -30,7 +30,16 @@ from noise.exceptions import (
 )
 
 from meshvpn.identity import PrivateKey, PublicKey
-from meshvpn.messages import CLOCK_SKEW_MS, MessageError, SessionGrant, SessionRequest, sign, verify
+from meshvpn.messages import (
+    CLOCK_SKEW_MS,
+    LinkGrant,
+    LinkRequest,
+    MessageError,
+    SessionGrant,
+    SessionRequest,
+    sign,
+    verify,
+)
 
 NOISE_NAME: Final = b"Noise_IK_25519_ChaChaPoly_BLAKE2s"
 PROLOGUE: Final = b"meshvpn/v1/session"
@@ -61,28 +70,47 @@ def _noise(initiator: bool, static: PrivateKey) -> NoiseConnection:
     return conn
 
 
+Request = SessionRequest | LinkRequest
+_GRANT_FOR: Final[dict[type[Request], type[SessionGrant | LinkGrant]]] = {
+    SessionRequest: SessionGrant,
+    LinkRequest: LinkGrant,
+}
+
+
 @dataclass
 class PendingRequest:
-    """The client's half-open handshake, waiting for the grant."""
+    """The initiator's half-open handshake, waiting for the answer."""
 
     conn: NoiseConnection
-    request: SessionRequest
+    request: Request
     relay_identity: PublicKey
 
-    def read_grant(self, wire: bytes) -> SessionGrant:
+    def _read(self, wire: bytes) -> SessionGrant | LinkGrant:
         if len(wire) > MAX_HANDSHAKE:
             raise MessageError("oversized")
         try:
             payload = bytes(self.conn.read_message(wire))
         except _NOISE_ERRORS as exc:
             raise MessageError("bad-handshake", type(exc).__name__) from None
-        signed = verify(payload, SessionGrant)
+        signed = verify(payload, _GRANT_FOR[type(self.request)])
         grant = signed.message
-        assert isinstance(grant, SessionGrant)  # noqa: S101 - verify() checked the type
+        assert isinstance(grant, SessionGrant | LinkGrant)  # noqa: S101 - verify() checked
         if signed.signer != self.relay_identity:
             raise MessageError("wrong-signer")
         if grant.request_nonce != self.request.nonce:
             raise MessageError("wrong-request")
+        return grant
+
+    def read_grant(self, wire: bytes) -> SessionGrant:
+        grant = self._read(wire)
+        if not isinstance(grant, SessionGrant):
+            raise MessageError("wrong-type")
+        return grant
+
+    def read_link_grant(self, wire: bytes) -> LinkGrant:
+        grant = self._read(wire)
+        if not isinstance(grant, LinkGrant):
+            raise MessageError("wrong-type")
         return grant
 
 
@@ -91,9 +119,9 @@ def open_request(
     control_key: PrivateKey,
     relay_identity: PublicKey,
     relay_control: PublicKey,
-    request: SessionRequest,
+    request: Request,
 ) -> tuple[bytes, PendingRequest]:
-    """Client side: seal a request for one relay; returns message 1."""
+    """Initiator side: seal a request for one relay; returns message 1."""
     conn = _noise(initiator=True, static=control_key)
     conn.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, relay_control.raw)
     conn.start_handshake()
@@ -106,11 +134,13 @@ class ReceivedRequest:
     """The relay's view of a verified request, ready to be answered once."""
 
     conn: NoiseConnection
-    request: SessionRequest
-    client_identity: PublicKey
-    ephemeral: bytes  # the client's Noise ephemeral: a replay repeats it
+    request: Request
+    client_identity: PublicKey  # the initiator: a client, or a relay asking for a link
+    ephemeral: bytes  # the initiator's Noise ephemeral: a replay repeats it
 
-    def answer(self, grant: SessionGrant, identity_key: PrivateKey) -> bytes:
+    def answer(self, grant: SessionGrant | LinkGrant, identity_key: PrivateKey) -> bytes:
+        if not isinstance(grant, _GRANT_FOR[type(self.request)]):
+            raise TypeError("the answer does not fit the request")
         return bytes(self.conn.write_message(sign(grant, identity_key)))
 
 
@@ -127,9 +157,10 @@ def accept_request(
         remote_static = bytes(conn.noise_protocol.handshake_state.rs.public_bytes)
     except _NOISE_ERRORS as exc:
         raise MessageError("bad-handshake", type(exc).__name__) from None
-    signed = verify(payload, SessionRequest)
+    signed = verify(payload)
     request = signed.message
-    assert isinstance(request, SessionRequest)  # noqa: S101
+    if not isinstance(request, SessionRequest | LinkRequest):
+        raise MessageError("wrong-type")
     if request.control_key.raw != remote_static:
         raise MessageError("key-mismatch", "request not signed for this Noise key")
     if request.relay != relay_identity:

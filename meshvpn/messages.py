@@ -244,7 +244,8 @@ def _check_schema(cls: type[Message]) -> None:
 
 ROLE_ENTRY: Final = 1
 ROLE_EXIT: Final = 2
-KNOWN_ROLES: Final = ROLE_ENTRY | ROLE_EXIT
+ROLE_MESH: Final = 4  # links with other relays: an entry for multi-hop, or an exit behind one
+KNOWN_ROLES: Final = ROLE_ENTRY | ROLE_EXIT | ROLE_MESH
 
 
 @dataclass(frozen=True)
@@ -388,6 +389,64 @@ class SessionGrant(Message):
         )
 
 
+@dataclass(frozen=True)
+class LinkRequest(Message):
+    """Relay to relay, inside Noise IK message 1: "be my mesh neighbour".
+
+    Each side runs one WireGuard interface per neighbour, so each names the
+    UDP port it listens on for this one link; the endpoint host is the one in
+    its announcement."""
+
+    TYPE: ClassVar[int] = 10
+    LABEL: ClassVar[str] = "link-request"
+    FIELDS: ClassVar[dict[str, Field]] = {
+        "relay": KEY,
+        "control_key": KEY,
+        "wireguard_key": KEY,
+        "link_port": U16,
+        "reply_token": NONCE,
+        "nonce": NONCE,
+        "issued_ms": U64,
+    }
+
+    relay: PublicKey  # the wanted neighbour's identity key
+    control_key: PublicKey  # must equal the Noise static key it arrived under
+    wireguard_key: PublicKey
+    link_port: int
+    reply_token: bytes
+    nonce: bytes
+    issued_ms: int
+
+
+@dataclass(frozen=True)
+class LinkGrant(Message):
+    """The neighbour's answer to one ``LinkRequest``."""
+
+    TYPE: ClassVar[int] = 11
+    LABEL: ClassVar[str] = "link-grant"
+    FIELDS: ClassVar[dict[str, Field]] = {
+        "request_nonce": NONCE,
+        "status": U8,
+        "reason": Text(200),
+        "wireguard_key": KEY,
+        "link_port": U16,
+    }
+
+    request_nonce: bytes
+    status: int
+    reason: str
+    wireguard_key: PublicKey
+    link_port: int
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUS_NAMES:
+            raise ValueError("unknown status")
+
+    @property
+    def granted(self) -> bool:
+        return self.status == GRANTED
+
+
 MESSAGE_TYPES: Final[dict[int, type[Message]]] = {}
 
 
@@ -399,7 +458,7 @@ def register(cls: type[Message]) -> type[Message]:
     return cls
 
 
-for _cls in (Announcement, SessionRequest, SessionGrant):
+for _cls in (Announcement, SessionRequest, SessionGrant, LinkRequest, LinkGrant):
     register(_cls)
 
 

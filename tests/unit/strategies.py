@@ -21,6 +21,7 @@ from meshvpn.messages import (
     Key,
     ListOf,
     Message,
+    LinkGrant,
     SessionGrant,
     Text,
     UInt,
@@ -75,6 +76,8 @@ def messages(draw: st.DrawFn, cls: type[Message]) -> Message:
             values["issued_ms"] = values["expires_ms"] - 1
     if cls is Receipt:
         values["path"] = tuple(draw(st.lists(keys, min_size=1, max_size=8, unique=True)))
+    if cls is LinkGrant:
+        values["status"] = draw(st.sampled_from(sorted(STATUS_NAMES)))
     if cls is SessionGrant:
         values["status"] = draw(st.sampled_from(sorted(STATUS_NAMES)))
         values["tunnel_prefix"] = draw(st.integers(0, 32))

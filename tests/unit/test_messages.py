@@ -18,6 +18,8 @@ from meshvpn.messages import (
     MESSAGE_TYPES,
     Announcement,
     MessageError,
+    LinkGrant,
+    LinkRequest,
     SessionGrant,
     SessionRequest,
     sign,
@@ -79,6 +81,22 @@ def vector_messages() -> dict[str, object]:
             receipt_interval_s=10,
             receipt_interval_bytes=8 << 20,
             expires_ms=1_795_000_600_000,
+        ),
+        "link-request": LinkRequest(
+            relay=k[2],
+            control_key=k[1],
+            wireguard_key=k[0],
+            link_port=51830,
+            reply_token=bytes(range(48, 64)),
+            nonce=bytes(range(64, 80)),
+            issued_ms=1_795_000_000_456,
+        ),
+        "link-grant": LinkGrant(
+            request_nonce=bytes(range(64, 80)),
+            status=0,
+            reason="",
+            wireguard_key=k[3],
+            link_port=51831,
         ),
     }
 
