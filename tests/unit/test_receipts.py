@@ -244,11 +244,10 @@ def test_silent_client_is_cut_off_within_the_allowance(chunks: list[int]) -> Non
     cuts = [e for e in events if isinstance(e, ClientCutOff)]
     if relay.state is RelayState.CUT_OFF:
         assert len(cuts) == 1
-        assert (
-            cuts[0].unreceipted.total <= relay.terms.grace_bytes
-        )  # per-reading bytes <= half of it
+        # overshoot: at most one reading's worth past the allowance
+        assert cuts[0].unreceipted.total <= relay.terms.grace_bytes + max(chunks)
     else:
-        assert relay.unreceipted.total * 2 <= relay.terms.grace_bytes
+        assert relay.unreceipted.total <= relay.terms.grace_bytes
         assert len(chunks) * 100 <= relay.terms.grace_s * 1000 or relay.unreceipted.total == 0
 
 
@@ -316,6 +315,6 @@ def test_quiet_client_is_cut_without_a_ban_but_a_taker_is_banned() -> None:
     (cut,) = [e for e in events if isinstance(e, ClientCutOff)]
     assert not cut.abusive  # it may simply have disconnected between two statements
     taker = RelaySession(terms())
-    events = run(taker, ClientSession(terms()), [Counters(0, 4 * MIB)] * 10, client_answers=False)
+    events = run(taker, ClientSession(terms()), [Counters(0, 4 * MIB)] * 20, client_answers=False)
     (cut,) = [e for e in events if isinstance(e, ClientCutOff)]
     assert cut.abusive
