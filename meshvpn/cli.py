@@ -79,7 +79,17 @@ def cmd_relay(args: argparse.Namespace) -> int:
     from meshvpn.mqtt import BrokerAddress  # noqa: PLC0415
     from relay.agent import RelayAgent, RelayOptions  # noqa: PLC0415
     from relay.exit import ExitPolicy  # noqa: PLC0415
+    from relay.mesh import MeshOptions  # noqa: PLC0415
 
+    mesh = None
+    if args.mesh:
+        if args.mesh_k < 1:
+            raise LocalError(f"bad --mesh-k {args.mesh_k}", "give at least 1")
+        mesh = MeshOptions(
+            k=args.mesh_k,
+            neighbours=frozenset(args.mesh_neighbour or ()),
+            link_port_base=args.mesh_port,
+        )
     exit_policy = ExitPolicy.from_flags(
         allow=args.allow or (), deny=args.deny or (), block_ports=args.block_port, dns=args.dns
     )
@@ -105,6 +115,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         capacity=args.capacity,
         announce_ttl_s=args.announce_ttl,
         exit_policy=exit_policy,
+        mesh=mesh,
     )
     try:
         agent = RelayAgent(opts)
@@ -137,6 +148,10 @@ def _connect_options(args: argparse.Namespace) -> Any:  # noqa: ANN401
     from meshvpn.client import ClientOptions  # noqa: PLC0415
     from meshvpn.mqtt import BrokerAddress  # noqa: PLC0415
 
+    if args.hops < 1:
+        raise LocalError(f"bad --hops {args.hops}", "give 1 (single hop) or more")
+    if (args.exit or args.entry or args.hops > 1) and args.broker is None:
+        raise LocalError("--exit, --entry and --hops need --broker", "add --broker HOST:PORT")
     manual = [args.relay, args.relay_key, args.address]
     if args.broker is None and None in manual:
         raise LocalError(
@@ -173,6 +188,9 @@ def _connect_options(args: argparse.Namespace) -> Any:  # noqa: ANN401
         handshake_timeout=args.timeout,
         lockdown=args.lockdown,
         allow_lan=args.allow_lan,
+        exit_node=args.exit or "",
+        entry_node=args.entry or "",
+        hops=args.hops,
     )
 
 
@@ -504,6 +522,33 @@ def _add_relay_parser(sub: Any) -> None:  # noqa: ANN401 - argparse's private ac
         default=60,
         help="announcement lifetime in seconds, refreshed at a third of it (default: %(default)s)",
     )
+    g = p.add_argument_group("mesh (with --broker)")
+    g.add_argument(
+        "--mesh",
+        action="store_true",
+        help="link with nearby relays and route over the links, so clients can leave"
+        " through an exit several hops away",
+    )
+    g.add_argument(
+        "--mesh-k",
+        type=int,
+        default=3,
+        metavar="K",
+        help="how many nearest relays to link with (default: %(default)s)",
+    )
+    g.add_argument(
+        "--mesh-neighbour",
+        action="append",
+        metavar="NODE_ID",
+        help="link with exactly these relays instead of the nearest (repeatable)",
+    )
+    g.add_argument(
+        "--mesh-port",
+        type=int,
+        default=51830,
+        metavar="PORT",
+        help="UDP port of the first mesh link; link n listens on PORT+n (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_relay)
 
 
@@ -534,6 +579,21 @@ def _add_connect_parser(sub: Any) -> None:  # noqa: ANN401
     g.add_argument(
         "--max-price", type=int, metavar="UNITS", help="highest price per GiB you accept"
     )
+    g = p.add_argument_group(
+        "multi-hop (with --broker)",
+        "Enter the mesh at the nearest relay and leave it at an exit elsewhere: the entry"
+        " sees only ciphertext, the exit never sees your address.",
+    )
+    g.add_argument("--exit", metavar="NODE_ID", help="leave the mesh at this exit relay")
+    g.add_argument(
+        "--hops",
+        type=int,
+        default=1,
+        metavar="N",
+        help="2 or more: leave at an exit other than the entry (with --exit-region: an exit"
+        " there); the mesh's routing decides the path between them (default: %(default)s)",
+    )
+    g.add_argument("--entry", metavar="NODE_ID", help="enter the mesh at this relay")
     g = p.add_argument_group("by hand (without --broker)")
     g.add_argument("--relay", metavar="HOST:PORT", help="the relay's WireGuard endpoint")
     g.add_argument("--relay-key", metavar="KEY", help="the relay's WireGuard public key")

@@ -19,14 +19,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import json
 import logging
 import os
+import socket
+import struct
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Final, cast
 
 from accounting.exchange import (
@@ -56,7 +58,7 @@ from meshvpn.directory import (
 from meshvpn.errors import LocalError, RemoteError
 from meshvpn.footprint import write_sysctl
 from meshvpn.handshake import PendingRequest, open_request
-from meshvpn.identity import PublicKey
+from meshvpn.identity import PublicKey, client_mesh_address
 from meshvpn.killswitch import TABLE as LOCKDOWN_TABLE
 from meshvpn.killswitch import (
     Allowed,
@@ -65,11 +67,12 @@ from meshvpn.killswitch import (
     lock_down,
     set_allowed,
 )
-from meshvpn.messages import STATUS_NAMES, MessageError, SessionGrant, SessionRequest
+from meshvpn.messages import ROLE_MESH, STATUS_NAMES, MessageError, SessionGrant, SessionRequest
 from meshvpn.mqtt import BrokerAddress, ControlLink
 from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeSent, check_reply, make_request, reply_nonce
 from meshvpn.tunnel import DEFAULT_FWMARK, full_tunnel
+from meshvpn.wireguard.backend import UserspaceDevice, WireGuardDevice, open_device
 from meshvpn.wireguard.model import Endpoint, PeerSpec
 
 log = logging.getLogger("meshvpn.client")
@@ -82,6 +85,13 @@ PROBE_TIMEOUT_S: Final = 1.0
 GRANT_TIMEOUT_S: Final = 5.0
 MAX_ATTEMPTS: Final = 3
 ANY_PRICE: Final = 2**64 - 1
+MESH_RANGE: Final = ipaddress.IPv6Network("fd00::/8")  # relay.mesh.MESH_RANGE
+# The end-to-end tunnel rides inside the access link: IPv6 + UDP + WireGuard.
+INNER_MTU: Final = TUNNEL_MTU - 80
+PATH_KEEPALIVE: Final = 5  # s; multi-hop links keep talking, so a silent one is dead
+ECHO_INTERVAL_S: Final = 0.5
+ENTRY_DEAD_S: Final = 2.0  # no echo from the entry this long: switch to the standby
+EXIT_DEAD_S: Final = 10.0  # longer: routing converges around a dead transit relay first
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,18 @@ class ClientOptions(CommonOptions):
     fwmark: int = DEFAULT_FWMARK
     lockdown: bool = True  # the kill switch: see meshvpn.killswitch
     allow_lan: bool = False
+    exit_node: str = ""  # multi-hop: leave the mesh here
+    entry_node: str = ""  # multi-hop: enter the mesh here
+    hops: int = 1
+
+    @property
+    def multihop(self) -> bool:
+        return bool(self.exit_node) or self.hops > 1
+
+    @property
+    def access_ifname(self) -> str:
+        """Multi-hop: the access link to the entry; ``ifname`` is the end-to-end tunnel."""
+        return f"{self.ifname}a"
 
     def kept_on_restart(self) -> frozenset[str]:
         return frozenset({LOCKDOWN_TABLE}) if self.lockdown else frozenset()
@@ -113,6 +135,19 @@ class Chosen:
     rtt_ms: float | None = None
     grant: SessionGrant | None = None
     entry: Entry | None = None
+
+    @property
+    def mesh_address(self) -> ipaddress.IPv6Address | None:
+        """Our address in the relay's mesh /64 (multi-hop access links)."""
+        if self.entry is None:
+            return None
+        relay = ipaddress.IPv6Address(self.entry.announcement.mesh_address)
+        return client_mesh_address(relay, self.address.ip)
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        """The relay's end of the tunnel: statements and echoes come from there."""
+        return self.address.network.network_address + 1
 
 
 class _ProbeClient(asyncio.DatagramProtocol):
@@ -134,11 +169,12 @@ class _ProbeClient(asyncio.DatagramProtocol):
             self.answer.set()
 
 
-async def probe_all(candidates: list[Entry]) -> dict[str, float]:
+async def probe_all(candidates: list[Entry], *, settle: bool = True) -> dict[str, float]:
     """RTT in ms of each relay that answered, probing all of them at once.
 
-    Waiting stops as soon as no unanswered relay could still win: one that has
-    not answered ``TIE_MS`` after the best one did is slower than the best.
+    With ``settle``, waiting stops as soon as no unanswered relay could still
+    win: one that has not answered ``TIE_MS`` after the best one did is slower
+    than the best. Without, it waits for every one (a relay ranking them all).
     """
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(
@@ -158,7 +194,7 @@ async def probe_all(candidates: list[Entry]) -> dict[str, float]:
         deadline = start + PROBE_TIMEOUT_S
         while len(protocol.rtts) < len(candidates):
             wait = deadline - loop.time()
-            if protocol.rtts:
+            if protocol.rtts and settle:
                 settled = start + (min(protocol.rtts.values()) + TIE_MS) / 1000 + PROBE_SPACING_S
                 wait = min(wait, settled - loop.time())
             if wait <= 0:
@@ -186,12 +222,19 @@ class ClientAgent(Agent):
 
     def __init__(self, opts: ClientOptions) -> None:
         super().__init__(opts)
-        self.receipts: ClientSession | None = None
+        self.duties: dict[str, _Duty] = {}
         self.directory = Directory()
         self.link: ControlLink | None = None
-        self.chosen: Chosen | None = None
+        self.chosen: Chosen | None = None  # the relay, or multi-hop: the entry
+        self.exit: Chosen | None = None  # multi-hop: the exit, reached over the mesh
+        self.standby_entry: Chosen | None = None
+        self.standby_exit: Chosen | None = None
+        self.access: WireGuardDevice | None = None
+        self._access_addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
+        self.path_events: list[str] = []
         self._pending: dict[str, asyncio.Future[bytes]] = {}
         self._rejections_logged: set[str] = set()
+        self.rtts: dict[str, float] = {}
 
     # ---- finding a relay
 
@@ -215,7 +258,14 @@ class ClientAgent(Agent):
             address = await address_of(broker.host, "broker")
             broker = BrokerAddress(str(address), broker.port)
             allowed = Allowed(broker=frozenset({(address, broker.port)}))
-            await lock_down(self.footprint, opts.ifname, opts.fwmark, allowed, opts.allow_lan)
+            await lock_down(
+                self.footprint,
+                opts.ifname,
+                opts.fwmark,
+                allowed,
+                opts.allow_lan,
+                access=opts.access_ifname if opts.multihop else None,
+            )
         self.link = ControlLink(
             broker,
             name=f"client-{self.identity.node_id}",
@@ -235,18 +285,26 @@ class ClientAgent(Agent):
         await self._gather()
         if opts.lockdown:
             # Exactly the relays _find_relay probes, at the address each announces.
-            candidates = self.directory.candidates(
-                now_ms(), near=opts.near, exit_region=opts.exit_region, max_price=opts.max_price
-            )[:PROBE_CANDIDATES]
             probes = frozenset(
-                (e.announcement.endpoints[0][0], e.announcement.probe_port) for e in candidates
+                (e.announcement.endpoints[0][0], e.announcement.probe_port)
+                for e in self._candidates()
             )
             await set_allowed(dataclasses.replace(allowed, probes=probes))
         self.chosen = await self._find_relay()
+        if opts.multihop:
+            assert self.chosen.node_id is not None  # noqa: S101 - from the directory
+            self.exit = await self._find_exit(exclude=frozenset({self.chosen.node_id}))
+            # Spares, granted now, so that a failover needs no broker.
+            in_use = frozenset({self.chosen.node_id, self.exit.node_id or ""})
+            with contextlib.suppress(RemoteError):
+                self.standby_entry = await self._find_relay(
+                    exclude=in_use, probe=False, announce=False
+                )
+            with contextlib.suppress(RemoteError):
+                self.standby_exit = await self._find_exit(exclude=in_use)
         if opts.lockdown:
-            # The chosen relay's WireGuard may leave now; probing is over.
-            relay = frozenset({(self.chosen.endpoint.host, self.chosen.endpoint.port)})
-            await set_allowed(dataclasses.replace(allowed, relays=relay))
+            # The chosen relays' WireGuard may leave now; probing is over.
+            await set_allowed(dataclasses.replace(allowed, relays=self._relay_endpoints()))
 
     async def _gather(self) -> None:
         """Wait until the broker has sent every retained announcement.
@@ -270,23 +328,48 @@ class ClientAgent(Agent):
             self._pending.pop(topic, None)
             await self.link.unsubscribe(topic)
 
-    async def _find_relay(self) -> Chosen:
+    def _candidates(self, exclude: frozenset[str] = frozenset()) -> list[Entry]:
+        """Where the tunnel may start: single hop, an exit; multi-hop, a mesh entry."""
         opts = self.opts
-        candidates = self.directory.candidates(
-            now_ms(), near=opts.near, exit_region=opts.exit_region, max_price=opts.max_price
-        )[:PROBE_CANDIDATES]
+        found = self.directory.candidates(
+            now_ms(),
+            near=opts.near,
+            exit_region="" if opts.multihop else opts.exit_region,
+            max_price=opts.max_price,
+            need_exit=not opts.multihop,
+            exclude=exclude,
+        )
+        if opts.multihop:
+            found = [e for e in found if e.announcement.roles & ROLE_MESH]
+            if opts.entry_node and opts.entry_node not in exclude:
+                found = [e for e in found if e.node_id == opts.entry_node]
+        return found[:PROBE_CANDIDATES]
+
+    async def _find_relay(
+        self, exclude: frozenset[str] = frozenset(), *, probe: bool = True, announce: bool = True
+    ) -> Chosen:
+        candidates = self._candidates(exclude)
+        what = "mesh entry" if self.opts.multihop else "exit"
         if not candidates:
             raise RemoteError(
                 f"no usable relay: the broker listed {len(self.directory.entries)} relay(s),"
-                " none of them an exit with room that fits --exit-region/--max-price",
+                f" none of them a {what} with room that fits the filters you gave",
                 "try again later or relax the filters",
             )
-        rtts = await probe_all(candidates)
+        if probe:
+            rtts = await probe_all(candidates)
+            self.rtts = rtts
+        else:
+            # A spare: no probing (the lockdown may be closed to it by now); relays
+            # not probed at connect time rank after every one that was.
+            unprobed = 10_000.0
+            rtts = {e.node_id: self.rtts.get(e.node_id, unprobed) for e in candidates}
         for entry in candidates:
             rtt = rtts.get(entry.node_id)
-            log.info(
-                "relay %s: %s", entry.node_id, f"{rtt:.1f} ms" if rtt else "no answer to probes"
-            )
+            if announce:
+                log.info(
+                    "relay %s: %s", entry.node_id, f"{rtt:.1f} ms" if rtt else "no answer to probes"
+                )
         ranked = choose(candidates, rtts)
         if not ranked:
             raise RemoteError(
@@ -314,6 +397,46 @@ class ClientAgent(Agent):
                 entry=entry,
             )
         raise RemoteError(f"no relay gave a session: {'; '.join(refusals)}", "try again later")
+
+    async def _find_exit(self, exclude: frozenset[str]) -> Chosen:
+        """Multi-hop: an exit on the mesh other than the entry, reached at its mesh
+        address. No probing: the mesh's routing finds the way there."""
+        opts = self.opts
+        candidates = [
+            e
+            for e in self.directory.candidates(
+                now_ms(),
+                near=opts.near,
+                exit_region=opts.exit_region,
+                max_price=opts.max_price,
+                exclude=exclude,
+            )
+            if e.announcement.roles & ROLE_MESH
+            and (not opts.exit_node or e.node_id == opts.exit_node)
+        ]
+        if not candidates:
+            wanted = opts.exit_node or "an exit on the mesh"
+            raise RemoteError(
+                f"no usable exit: {wanted} is not announced with room and within your filters",
+                "check the node id (`meshvpn peers` on a relay), or relax the filters",
+            )
+        refusals = []
+        for entry in candidates[:MAX_ATTEMPTS]:
+            grant = await self._negotiate(entry)
+            if grant is None or not grant.granted:
+                reason = "no answer" if grant is None else STATUS_NAMES[grant.status]
+                refusals.append(f"{entry.node_id}: {reason}")
+                continue
+            ann = entry.announcement
+            return Chosen(
+                endpoint=Endpoint(ipaddress.IPv6Address(ann.mesh_address), ann.endpoints[0][1]),
+                wireguard_key=grant.relay_wireguard_key,
+                address=grant.address,
+                node_id=entry.node_id,
+                grant=grant,
+                entry=entry,
+            )
+        raise RemoteError(f"no exit gave a session: {'; '.join(refusals)}", "try again later")
 
     async def _negotiate(self, entry: Entry) -> SessionGrant | None:
         assert self.link is not None  # noqa: S101 - only with a broker
@@ -383,21 +506,27 @@ class ClientAgent(Agent):
     async def build(self) -> None:
         assert self.device is not None  # noqa: S101
         assert self.chosen is not None  # noqa: S101 - prepare() chose
-        opts, chosen = self.opts, self.chosen
+        opts = self.opts
         ipv6 = ipv6_enabled()
         allowed = [ipaddress.ip_network("0.0.0.0/0")]
         if ipv6:
             allowed.append(ipaddress.ip_network("::/0"))
+        if self.exit is not None:
+            await self._build_access()
+            tunnel_to, mtu = self.exit, INNER_MTU
+        else:
+            tunnel_to, mtu = self.chosen, TUNNEL_MTU
         await self.device.set_interface(self.identity.wireguard_key, 0, opts.fwmark)
         async with Netlink() as nl:
-            await nl.address_add(opts.ifname, chosen.address)
-            await nl.link_up(opts.ifname, TUNNEL_MTU)
+            await nl.address_add(opts.ifname, tunnel_to.address)
+            await nl.link_up(opts.ifname, mtu)
         # With the link up, a keepalive makes WireGuard handshake at once.
+        keepalive = PATH_KEEPALIVE if self.exit is not None else CLIENT_KEEPALIVE
         relay_peer = PeerSpec(
-            chosen.wireguard_key, tuple(allowed), chosen.endpoint, CLIENT_KEEPALIVE
+            tunnel_to.wireguard_key, tuple(allowed), tunnel_to.endpoint, keepalive
         )
-        await self.device.reconcile({chosen.wireguard_key: relay_peer})
-        await self._await_handshake()
+        await self.device.reconcile({tunnel_to.wireguard_key: relay_peer})
+        await self._await_handshake(self.device, tunnel_to)
         plan = full_tunnel(opts.ifname, opts.fwmark, ipv6=ipv6)
         self.footprint.will_set_sysctl("net.ipv4.conf.all.src_valid_mark")
         write_sysctl("net.ipv4.conf.all.src_valid_mark", "1")
@@ -409,32 +538,84 @@ class ClientAgent(Agent):
                 await nl.rule_add(rule)
         if opts.lockdown:
             # Everything routes into the tunnel now: only WireGuard may leave the host.
-            relay = chosen.endpoint
-            await set_allowed(Allowed(relays=frozenset({(relay.host, relay.port)})))
+            await set_allowed(Allowed(relays=self._relay_endpoints()))
         if self.link is not None:
             # The broker connection was made over the uplink; from now on its packets
             # would go into the tunnel with the uplink's source and be dropped. Start
             # a new one, which runs inside the tunnel like all other traffic.
             self.link.reconnect()
 
-    async def _await_handshake(self) -> None:
-        assert self.device is not None  # noqa: S101
+    def _relay_endpoints(
+        self,
+    ) -> frozenset[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]]:
+        """The WireGuard endpoints this client may talk to outside the tunnel."""
+        return frozenset(
+            (c.endpoint.host, c.endpoint.port)
+            for c in (self.chosen, self.standby_entry)
+            if c is not None
+        )
+
+    async def _build_access(self) -> None:
+        """Multi-hop: the access link to the entry, carrying only the mesh range."""
         assert self.chosen is not None  # noqa: S101
+        opts = self.opts
+        name = opts.access_ifname
+        if len(name) > 15:
+            raise LocalError(f"interface name {name!r} is too long", "use a shorter --interface")
+        device = await open_device(name, opts.backend, opts.state_dir / "wireguard-go-access.log")
+        if isinstance(device, UserspaceDevice):
+            device.resolve_binary()
+        self.footprint.will_create_link(name)
+        self.access = device
+        await device.create()
+        if (pid := device.child_pid()) is not None:
+            self.footprint.started_pid(pid)
+        await device.set_interface(self.identity.wireguard_key, 0, opts.fwmark)
+        async with Netlink() as nl:
+            await nl.link_up(name, TUNNEL_MTU)
+            # WireGuard's marked packets skip the tunnel's table and land in main:
+            # there the exit's mesh address must lead into the access link.
+            await nl.route_add(MESH_RANGE, name)
+        await self._enter(self.chosen)
+
+    async def _enter(self, entry: Chosen) -> None:
+        """Point the access link at ``entry`` (at start, and when switching over)."""
+        assert self.access is not None  # noqa: S101
+        name = self.opts.access_ifname
+        mesh_address = entry.mesh_address
+        assert mesh_address is not None  # noqa: S101 - multi-hop entries come from the directory
+        # IPv4: the entry's receipt statements (from its gateway, which we do not
+        # know); the mesh range: the end-to-end tunnel's packets.
+        allowed = (ipaddress.ip_network("0.0.0.0/0"), MESH_RANGE)
+        peer = PeerSpec(entry.wireguard_key, allowed, entry.endpoint, PATH_KEEPALIVE)
+        await self.access.reconcile({entry.wireguard_key: peer})
+        async with Netlink() as nl:
+            for old in self._access_addresses:
+                await nl.address_delete(name, old)
+            self._access_addresses = [
+                entry.address,
+                ipaddress.IPv6Interface(f"{mesh_address}/128"),
+            ]
+            for new in self._access_addresses:
+                await nl.address_add(name, new)
+        await self._await_handshake(self.access, entry)
+
+    async def _await_handshake(self, device: WireGuardDevice, relay: Chosen) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.opts.handshake_timeout
         while loop.time() < deadline:
-            peer = (await self.device.state()).peers.get(self.chosen.wireguard_key)
+            peer = (await device.state()).peers.get(relay.wireguard_key)
             if peer is not None and peer.last_handshake:
                 return
             await asyncio.sleep(0.02)
         hint = (
             "the relay granted a session but its tunnel is silent; try again"
-            if self.chosen.grant
+            if relay.grant
             else "check the relay's address and key, and that it admitted this client"
             f" (`meshvpn admit {self.identity.wireguard_public.b64}` on the relay)"
         )
         raise RemoteError(
-            f"relay {self.chosen.endpoint} did not answer a WireGuard handshake within "
+            f"relay {relay.endpoint} did not answer a WireGuard handshake within "
             f"{self.opts.handshake_timeout:g} s",
             hint,
         )
@@ -443,120 +624,176 @@ class ClientAgent(Agent):
         chosen = self.chosen
         if chosen is None or chosen.grant is None or chosen.entry is None:
             return []
-        terms = Terms(
-            session_id=chosen.grant.session_id,
-            client=self.identity.identity_public,
-            path=(chosen.entry.signed.signer,),
-            price_per_gib=chosen.grant.price_per_gib,
-            started_ms=now_ms(),
-        )
-        self.receipts = ClientSession(terms)
-        self._restore_receipts()
-        return [self._renew(), self._serve_receipts(), self._save_receipts_loop()]
+        assert self.device is not None  # noqa: S101 - built
+        jobs: list[Coroutine[Any, Any, None]] = []
+        if self.exit is None:
+            self.duties["relay"] = _Duty(self, "relay", chosen, self.device, self.opts.ifname)
+        else:
+            assert self.access is not None  # noqa: S101
+            self.duties["entry"] = _Duty(
+                self, "entry", chosen, self.access, self.opts.access_ifname
+            )
+            self.duties["exit"] = _Duty(self, "exit", self.exit, self.device, self.opts.ifname)
+            jobs.append(self._watch_path())
+        for duty in self.duties.values():
+            jobs += [duty.serve(), duty.save_loop()]
+        jobs.append(self._renew())
+        return jobs
 
-    # ---- receipts: the relay states, we check against our own count and sign
+    @property
+    def receipts(self) -> ClientSession | None:
+        """The session paying for the traffic: the exit's, or the one relay's."""
+        duty = self.duties.get("exit") or self.duties.get("relay")
+        return duty.session if duty is not None else None
 
-    def _receipt_file(self) -> Path:
-        return self.opts.state_dir / "receipts.json"
+    # ---- multi-hop failover
 
-    def _restore_receipts(self) -> None:
-        """Same session after a restart: go on from what we counted and signed."""
-        assert self.receipts is not None  # noqa: S101
-        try:
-            data = json.loads(self._receipt_file().read_text())
-            if bytes.fromhex(data["session_id"]) != self.receipts.terms.session_id:
-                return
-            counted = Counters(int(data["up"]), int(data["down"]))
-            wire = bytes.fromhex(data["signed"]) if data.get("signed") else b""
-        except (OSError, ValueError, KeyError, TypeError):
-            return
-        self.receipts.meter = Meter(counted)
-        if wire:
-            with contextlib.suppress(MessageError):
-                self.receipts.signed, self.receipts.signed_wire = verify_receipt(wire), wire
-
-    def _save_receipts(self) -> None:
-        session = self.receipts
-        if session is None:
-            return
-        data = {
-            "session_id": session.terms.session_id.hex(),
-            "up": session.counted.up,
-            "down": session.counted.down,
-            "signed": session.signed_wire.hex(),
-        }
-        tmp = self._receipt_file().with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(self._receipt_file())
-
-    async def _save_receipts_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            await self._read_own_counters()
-            self._save_receipts()
-
-    async def _read_own_counters(self) -> None:
-        assert self.device is not None  # noqa: S101
+    async def _watch_path(self) -> None:
+        """Echo the entry's and the exit's mesh addresses every half second; switch to
+        the standby entry or exit when one stays silent (no broker needed: the
+        standbys were granted at connect time)."""
         assert self.chosen is not None  # noqa: S101
-        assert self.receipts is not None  # noqa: S101
-        peer = (await self.device.state()).peers.get(self.chosen.wireguard_key)
-        if peer is not None:
-            self.receipts.observe(Counters(up=peer.tx_bytes, down=peer.rx_bytes))
-
-    async def _serve_receipts(self) -> None:
-        assert self.chosen is not None  # noqa: S101
-        assert self.receipts is not None  # noqa: S101
-        queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue(maxsize=64)
+        assert self.exit is not None  # noqa: S101
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Inbox(queue), local_addr=(str(self.chosen.address.ip), CHANNEL_PORT)
-        )
+        # Raw: root needs no ping_group_range; the kernel checksums ICMPv6 for us.
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        sock.setblocking(False)  # noqa: FBT003 - the socket API's own flag
+        heard: dict[str, float] = {"entry": loop.time(), "exit": loop.time()}
+        seq = 0
         try:
             while True:
-                data, addr = await queue.get()
-                await self._on_channel(data, addr, transport)
+                targets = {
+                    "entry": _mesh_of(self.chosen),
+                    "exit": self.exit.endpoint.host,
+                }
+                seq = (seq + 1) & 0xFFFF
+                for target in targets.values():
+                    with contextlib.suppress(OSError):
+                        sock.sendto(
+                            struct.pack("!BBHHH", 128, 0, 0, os.getpid() & 0xFFFF, seq),
+                            (str(target), 0),
+                        )
+                end = loop.time() + ECHO_INTERVAL_S
+                while (left := end - loop.time()) > 0:
+                    try:
+                        data, addr = await asyncio.wait_for(loop.sock_recvfrom(sock, 256), left)
+                    except TimeoutError:
+                        break
+                    if data[:1] != b"\x81":
+                        continue
+                    source = ipaddress.ip_address(addr[0].split("%")[0])
+                    for name, target in targets.items():
+                        if source == target:
+                            heard[name] = loop.time()
+                now = loop.time()
+                if now - heard["entry"] > ENTRY_DEAD_S:
+                    if await self._switch_entry():
+                        heard = dict.fromkeys(heard, loop.time())
+                elif now - heard["exit"] > EXIT_DEAD_S and await self._switch_exit():
+                    heard["exit"] = loop.time()
         finally:
-            transport.close()
+            sock.close()
 
-    async def _on_channel(
-        self, data: bytes, addr: tuple[str, int], transport: asyncio.BaseTransport
-    ) -> None:
-        assert self.receipts is not None  # noqa: S101
-        session = self.receipts
-        if data.startswith(ACK_MAGIC):
-            with contextlib.suppress(MessageError):
-                session.on_ack(Ack.decode(data))
-            return
+    def _path_event(self, line: str) -> None:
+        log.warning("%s", line)
+        self.path_events = [*self.path_events[-19:], f"{time.strftime('%H:%M:%S')} {line}"]
+
+    async def _switch_entry(self) -> bool:
+        old, new = self.chosen, self.standby_entry
+        assert old is not None  # noqa: S101
+        if new is None:
+            self._path_event(f"entry {old.node_id} is silent and there is no standby; waiting")
+            return False
+        self.standby_entry = None
+        self._path_event(f"entry {old.node_id} is silent: switching to {new.node_id}")
         try:
-            statement = Statement.decode(data)
-        except MessageError:
-            self._count_reject("bad-statement")
-            return
-        await self._read_own_counters()
-        action = session.on_statement(statement, self.identity.identity_key, now_ms())
-        if isinstance(action, StatementRefused):
-            if session.refused == 1 or session.refused % 10 == 0:
-                log.warning("not signing the relay's statement: %s", action.reason)
-            return
-        cast("asyncio.DatagramTransport", transport).sendto(action.wire, addr)
-        self._save_receipts()
+            await self._enter(new)
+        except RemoteError as exc:
+            self._path_event(f"standby entry {new.node_id} failed too: {exc.what}")
+            return False
+        self.chosen = new
+        await self._roam_now()
+        self.duties["entry"].switch(new)
+        if self.opts.lockdown:
+            await set_allowed(Allowed(relays=self._relay_endpoints()))
+        self.spawn(self._find_standbys())
+        return True
+
+    async def _roam_now(self) -> None:
+        """Make the end-to-end tunnel send at once from our new address, so the
+        exit (WireGuard roams on the first authenticated packet) answers there
+        without waiting for TCP's next retransmission: wireguard-go sends a
+        keepalive when a persistent keepalive is switched on."""
+        assert self.device is not None  # noqa: S101
+        assert self.exit is not None  # noqa: S101
+        ipv6 = ipv6_enabled()
+        allowed = [ipaddress.ip_network("0.0.0.0/0")]
+        if ipv6:
+            allowed.append(ipaddress.ip_network("::/0"))
+        key, endpoint = self.exit.wireguard_key, self.exit.endpoint
+        for keepalive in (0, PATH_KEEPALIVE):
+            await self.device.reconcile({key: PeerSpec(key, tuple(allowed), endpoint, keepalive)})
+
+    async def _switch_exit(self) -> bool:
+        old, new = self.exit, self.standby_exit
+        assert old is not None  # noqa: S101
+        assert self.device is not None  # noqa: S101
+        if new is None:
+            self._path_event(f"exit {old.node_id} is silent and there is no standby; waiting")
+            return False
+        self.standby_exit = None
+        self._path_event(f"exit {old.node_id} is silent: switching to {new.node_id}")
+        ipv6 = ipv6_enabled()
+        allowed = [ipaddress.ip_network("0.0.0.0/0")]
+        if ipv6:
+            allowed.append(ipaddress.ip_network("::/0"))
+        peer = PeerSpec(new.wireguard_key, tuple(allowed), new.endpoint, PATH_KEEPALIVE)
+        await self.device.reconcile({new.wireguard_key: peer})
+        async with Netlink() as nl:
+            await nl.address_delete(self.opts.ifname, old.address)
+            await nl.address_add(self.opts.ifname, new.address)
+        self.exit = new
+        self.duties["exit"].switch(new)
+        if self.link is not None:
+            self.link.reconnect()  # its socket was bound to the old tunnel address
+        self.spawn(self._find_standbys())
+        return True
+
+    async def _find_standbys(self) -> None:
+        """A granted spare entry and exit, so a failover needs no broker."""
+        assert self.chosen is not None  # noqa: S101
+        assert self.exit is not None  # noqa: S101
+        for _ in range(30):
+            if self.link is not None and self.link.connected.is_set():
+                break
+            await asyncio.sleep(1.0)
+        in_use = frozenset(n for n in (self.chosen.node_id, self.exit.node_id) if n)
+        if self.standby_entry is None:
+            with contextlib.suppress(RemoteError):
+                self.standby_entry = await self._find_relay(
+                    exclude=in_use, probe=False, announce=False
+                )
+        if self.standby_exit is None:
+            with contextlib.suppress(RemoteError):
+                self.standby_exit = await self._find_exit(exclude=in_use)
+        if self.opts.lockdown:
+            await set_allowed(Allowed(relays=self._relay_endpoints()))
 
     async def _renew(self) -> None:
-        """Ask again before the grant runs out; failures only delay the next try."""
-        assert self.chosen is not None  # noqa: S101
+        """Ask again before the grants run out; failures only delay the next try."""
         while True:
-            grant = self.chosen.grant
-            assert grant is not None  # noqa: S101 - background() checked
-            wait_s = max(5.0, (grant.expires_ms - now_ms()) / 2000)
+            grants = [c.grant.expires_ms for c in (self.chosen, self.exit) if c and c.grant]
+            wait_s = max(5.0, (min(grants, default=now_ms() + 60_000) - now_ms()) / 2000)
             await asyncio.sleep(wait_s)
-            entry = self.chosen.entry
-            if entry is None:
-                return
-            renewed = await self._negotiate(entry)
-            if renewed is not None and renewed.granted:
-                self.chosen = Chosen(**{**self.chosen.__dict__, "grant": renewed})
-            else:
-                log.warning("could not renew the session yet; the tunnel stays up meanwhile")
+            for which in ("chosen", "exit"):
+                current: Chosen | None = getattr(self, which)
+                if current is None or current.entry is None:
+                    continue
+                renewed = await self._negotiate(current.entry)
+                if renewed is not None and renewed.granted:
+                    setattr(self, which, dataclasses.replace(current, grant=renewed))
+                else:
+                    log.warning("could not renew the session yet; the tunnel stays up meanwhile")
 
     async def status(self) -> dict[str, Any]:
         base = await super().status()
@@ -570,36 +807,46 @@ class ClientAgent(Agent):
                 "node_id": chosen.node_id,
                 "rtt_ms": chosen.rtt_ms,
             }
-            if self.device is not None:
-                peer = (await self.device.state()).peers.get(chosen.wireguard_key)
+            device = self.access if self.exit is not None else self.device
+            if device is not None:
+                peer = (await device.state()).peers.get(chosen.wireguard_key)
                 if peer is not None:
                     relay |= {
                         "rx_bytes": peer.rx_bytes,
                         "tx_bytes": peer.tx_bytes,
                         "last_handshake": peer.last_handshake,
                     }
+        # The session that carries the traffic out: the exit's, or the one relay's.
+        paying = self.duties.get("exit") or self.duties.get("relay")
         session = None
-        if chosen is not None and chosen.grant is not None:
+        tunnel_to = self.exit or chosen
+        if paying is not None:
+            session = paying.status()
+        elif tunnel_to is not None and tunnel_to.grant is not None:
             session = {
-                "session_id": chosen.grant.session_id.hex(),
-                "price_per_gib": chosen.grant.price_per_gib,
-                "expires_ms": chosen.grant.expires_ms,
+                "session_id": tunnel_to.grant.session_id.hex(),
+                "price_per_gib": tunnel_to.grant.price_per_gib,
+                "expires_ms": tunnel_to.grant.expires_ms,
             }
-            if self.receipts is not None:
-                signed = self.receipts.signed
-                session |= {
-                    "bytes_used": self.receipts.counted.total,
-                    "bytes_receipted": signed.total_bytes if signed else 0,
-                    "cost": self.receipts.cost,
-                    "receipt_seq": signed.seq if signed else 0,
-                    "acked_seq": self.receipts.acked_seq,
-                    "statements_refused": self.receipts.refused,
-                }
+        path = None
+        if self.exit is not None and chosen is not None:
+            path = {
+                "entry": chosen.node_id,
+                "entry_rtt_ms": chosen.rtt_ms,
+                "exit": self.exit.node_id,
+                "exit_endpoint": str(self.exit.endpoint),
+                "standby_entry": self.standby_entry.node_id if self.standby_entry else None,
+                "standby_exit": self.standby_exit.node_id if self.standby_exit else None,
+                "sessions": {name: duty.status() for name, duty in self.duties.items()},
+                "cost": sum(duty.session.cost for duty in self.duties.values()),
+                "events": list(self.path_events),
+            }
         return {
             **base,
-            "address": str(chosen.address) if chosen else None,
+            "address": str(tunnel_to.address) if tunnel_to else None,
             "relay": relay,
             "session": session,
+            "path": path,
             "broker": {
                 "address": str(self.opts.broker) if self.opts.broker else None,
                 "connected": bool(self.link and self.link.connected.is_set()),
@@ -611,3 +858,157 @@ class ClientAgent(Agent):
             "lockdown": lockdown,
             "lockdown_dropped": await dropped_counts() if lockdown else {},
         }
+
+
+class _Duty:
+    """One paid session's receipts: the relay states, we check against our own
+    count and sign. A multi-hop client has two, with the entry and the exit."""
+
+    def __init__(
+        self,
+        agent: ClientAgent,
+        name: str,
+        relay: Chosen,
+        device: WireGuardDevice,
+        ifname: str,
+    ) -> None:
+        self.agent = agent
+        self.name = name
+        self.device = device
+        self.ifname = ifname
+        self.relay = relay
+        self.session = self._new_session(relay)
+        # The single-hop file keeps its old name: a restarted agent finds it.
+        suffix = "" if name == "relay" else f"-{name}"
+        self.path = agent.opts.state_dir / f"receipts{suffix}.json"
+        self._restore()
+        self._rebind = asyncio.Event()
+
+    def _new_session(self, relay: Chosen) -> ClientSession:
+        assert relay.grant is not None  # noqa: S101 - duties are for granted sessions
+        assert relay.entry is not None  # noqa: S101
+        terms = Terms(
+            session_id=relay.grant.session_id,
+            client=self.agent.identity.identity_public,
+            path=(relay.entry.signed.signer,),
+            price_per_gib=relay.grant.price_per_gib,
+            started_ms=now_ms(),
+        )
+        return ClientSession(terms)
+
+    def switch(self, relay: Chosen) -> None:
+        """Another relay in this role now: a new session, counted from its counters."""
+        self._save()
+        self.relay = relay
+        self.session = self._new_session(relay)
+        self._rebind.set()
+
+    def _restore(self) -> None:
+        """Same session after a restart: go on from what we counted and signed."""
+        try:
+            data = json.loads(self.path.read_text())
+            if bytes.fromhex(data["session_id"]) != self.session.terms.session_id:
+                return
+            counted = Counters(int(data["up"]), int(data["down"]))
+            wire = bytes.fromhex(data["signed"]) if data.get("signed") else b""
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        self.session.meter = Meter(counted)
+        if wire:
+            with contextlib.suppress(MessageError):
+                self.session.signed, self.session.signed_wire = verify_receipt(wire), wire
+
+    def _save(self) -> None:
+        session = self.session
+        data = {
+            "session_id": session.terms.session_id.hex(),
+            "up": session.counted.up,
+            "down": session.counted.down,
+            "signed": session.signed_wire.hex(),
+        }
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(self.path)
+
+    async def save_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self._read_counters()
+            self._save()
+
+    async def _read_counters(self) -> None:
+        peer = (await self.device.state()).peers.get(self.relay.wireguard_key)
+        if peer is not None:
+            self.session.observe(Counters(up=peer.tx_bytes, down=peer.rx_bytes))
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            queue: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue(maxsize=64)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            # Both ends of a multi-hop path may hand out the same address: each
+            # channel is bound to its own interface (which also routes its answers).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.ifname.encode())
+            sock.bind((str(self.relay.address.ip), CHANNEL_PORT))
+            transport, _ = await loop.create_datagram_endpoint(
+                functools.partial(_Inbox, queue), sock=sock
+            )
+            self._rebind.clear()
+            try:
+                while not self._rebind.is_set():
+                    get = asyncio.ensure_future(queue.get())
+                    rebind = asyncio.ensure_future(self._rebind.wait())
+                    try:
+                        await asyncio.wait({get, rebind}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        rebind.cancel()
+                        if not get.done():
+                            get.cancel()
+                    if get.done() and not get.cancelled():
+                        data, addr = get.result()
+                        await self._on_channel(data, addr, transport)
+            finally:
+                transport.close()
+
+    async def _on_channel(
+        self, data: bytes, addr: tuple[str, int], transport: asyncio.BaseTransport
+    ) -> None:
+        session = self.session
+        if data.startswith(ACK_MAGIC):
+            with contextlib.suppress(MessageError):
+                session.on_ack(Ack.decode(data))
+            return
+        try:
+            statement = Statement.decode(data)
+        except MessageError:
+            self.agent._count_reject("bad-statement")  # noqa: SLF001 - the agent's counter
+            return
+        await self._read_counters()
+        action = session.on_statement(statement, self.agent.identity.identity_key, now_ms())
+        if isinstance(action, StatementRefused):
+            if session.refused == 1 or session.refused % 10 == 0:
+                log.warning("not signing the %s's statement: %s", self.name, action.reason)
+            return
+        cast("asyncio.DatagramTransport", transport).sendto(action.wire, addr)
+        self._save()
+
+    def status(self) -> dict[str, Any]:
+        assert self.relay.grant is not None  # noqa: S101
+        signed = self.session.signed
+        return {
+            "session_id": self.relay.grant.session_id.hex(),
+            "price_per_gib": self.relay.grant.price_per_gib,
+            "expires_ms": self.relay.grant.expires_ms,
+            "bytes_used": self.session.counted.total,
+            "bytes_receipted": signed.total_bytes if signed else 0,
+            "cost": self.session.cost,
+            "receipt_seq": signed.seq if signed else 0,
+            "acked_seq": self.session.acked_seq,
+            "statements_refused": self.session.refused,
+        }
+
+
+def _mesh_of(relay: Chosen) -> ipaddress.IPv6Address:
+    assert relay.entry is not None  # noqa: S101 - multi-hop relays come from the directory
+    return ipaddress.IPv6Address(relay.entry.announcement.mesh_address)

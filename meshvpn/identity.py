@@ -138,6 +138,20 @@ def mesh_address_of(identity_public: PublicKey) -> ipaddress.IPv6Address:
     return ipaddress.IPv6Address(b"\xfd" + digest[:15])
 
 
+def mesh_prefix_of(mesh_address: ipaddress.IPv6Address) -> ipaddress.IPv6Network:
+    """The /64 a node originates in the mesh: its own address and its clients'."""
+    return ipaddress.IPv6Network(f"{mesh_address}/64", strict=False)
+
+
+def client_mesh_address(
+    relay_mesh_address: ipaddress.IPv6Address, tunnel_address: ipaddress.IPv4Address
+) -> ipaddress.IPv6Address:
+    """A client's mesh address on its access link: the relay's /64 and the 32
+    bits of its IPv4 tunnel address, so both sides derive it from the grant."""
+    network = mesh_prefix_of(relay_mesh_address).network_address
+    return ipaddress.IPv6Address(int(network) | int(tunnel_address))
+
+
 @dataclass(frozen=True)
 class Identity:
     identity_key: PrivateKey

@@ -161,14 +161,18 @@ def killswitch_ruleset(
     allowed: Allowed | None = None,
     *,
     lan: Iterable[Network] = (),
+    access: str | None = None,
 ) -> str:
     """The whole table, as ``nft -f`` input that replaces any table of that name atomically.
 
     ``tunnel`` is the WireGuard interface, ``fwmark`` the mark WireGuard puts on
     its own UDP, ``lan`` the connected private subnets ``--allow-lan`` opens
-    (``LAN_MULTICAST`` is added to them; empty: the LAN stays closed too)."""
+    (``LAN_MULTICAST`` is added to them; empty: the LAN stays closed too).
+    ``access`` is a multi-hop client's access link, as open as the tunnel."""
     if not _IFNAME_RE.fullmatch(tunnel):
         raise LocalError(f"bad interface name {tunnel!r}")
+    if access is not None and not _IFNAME_RE.fullmatch(access):
+        raise LocalError(f"bad interface name {access!r}")
     if isinstance(fwmark, bool) or not 0 < fwmark < 2**32:
         raise LocalError(
             f"the lockdown needs WireGuard's packets marked; bad fwmark {fwmark!r}",
@@ -195,7 +199,8 @@ def killswitch_ruleset(
             f"    set lan{version} {{ type ipv{version}_addr; flags interval;{body} }}\n"
         )
 
-    tun = f'"{tunnel}"'
+    # Multi-hop: the end-to-end tunnel rides inside the access link to the entry.
+    tun = f'{{ "{tunnel}", "{access}" }}' if access else f'"{tunnel}"'
     dhcp = f"meta nfproto ipv4 udp sport {DHCP_CLIENT_PORT} udp dport {DHCP_SERVER_PORT}"
     return f"""\
 table {TABLE}
@@ -344,11 +349,18 @@ async def apply_lockdown(footprint: Footprint, ruleset: str) -> None:
 
 
 async def lock_down(
-    footprint: Footprint, tunnel: str, fwmark: int, allowed: Allowed, allow_lan: bool
+    footprint: Footprint,
+    tunnel: str,
+    fwmark: int,
+    allowed: Allowed,
+    allow_lan: bool,
+    *,
+    access: str | None = None,
 ) -> None:
     """The whole table, up or replacing a dead agent's, with ``allowed`` in its sets."""
     lan = await discover_lan(tunnel) if allow_lan else ()
-    await apply_lockdown(footprint, killswitch_ruleset(tunnel, fwmark, allowed, lan=lan))
+    ruleset = killswitch_ruleset(tunnel, fwmark, allowed, lan=lan, access=access)
+    await apply_lockdown(footprint, ruleset)
 
 
 async def set_allowed(allowed: Allowed) -> None:

@@ -33,6 +33,7 @@ class RuleSpec:
     fwmark: int | None = None
     invert: bool = False
     suppress_prefixlen: int | None = None
+    dst: str | None = None  # "fd00::/8": only packets to there
 
     def kwargs(self) -> dict[str, Any]:
         args: dict[str, Any] = {
@@ -46,6 +47,10 @@ class RuleSpec:
             args["flags"] = FIB_RULE_INVERT
         if self.suppress_prefixlen is not None:
             args["suppress_prefixlen"] = self.suppress_prefixlen
+        if self.dst is not None:
+            net = ipaddress.ip_network(self.dst)
+            args["dst"] = str(net.network_address)
+            args["dst_len"] = net.prefixlen
         return args
 
     def to_json(self) -> dict[str, Any]:
@@ -56,6 +61,7 @@ class RuleSpec:
             "fwmark": self.fwmark,
             "invert": self.invert,
             "suppress_prefixlen": self.suppress_prefixlen,
+            "dst": self.dst,
         }
 
     @classmethod
@@ -67,6 +73,7 @@ class RuleSpec:
             fwmark=data.get("fwmark"),
             invert=bool(data.get("invert")),
             suppress_prefixlen=data.get("suppress_prefixlen"),
+            dst=data.get("dst"),
         )
 
 
@@ -133,6 +140,22 @@ class Netlink:
             if exc.code != errno.EEXIST:
                 raise
 
+    async def address_delete(
+        self, ifname: str, iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    ) -> bool:
+        idx = await self.index(ifname)
+        if idx is None:
+            return False
+        try:
+            await self._ip.addr(
+                "del", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen
+            )
+        except NetlinkError as exc:
+            if _gone(exc):
+                return False
+            raise
+        return True
+
     async def route_add(
         self,
         dst: ipaddress.IPv4Network | ipaddress.IPv6Network,
@@ -146,6 +169,29 @@ class Netlink:
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise
+
+    async def route_replace(
+        self,
+        dst: ipaddress.IPv4Network | ipaddress.IPv6Network,
+        ifname: str,
+        table: int = MAIN_TABLE,
+    ) -> None:
+        """Point ``dst`` at ``ifname``, whatever it pointed at before."""
+        idx = await self._require(ifname)
+        family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+        await self._ip.route("replace", dst=str(dst), oif=idx, table=table, family=family)
+
+    async def route_delete(
+        self, dst: ipaddress.IPv4Network | ipaddress.IPv6Network, table: int = MAIN_TABLE
+    ) -> bool:
+        family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
+        try:
+            await self._ip.route("del", dst=str(dst), table=table, family=family)
+        except NetlinkError as exc:
+            if _gone(exc):
+                return False
+            raise
+        return True
 
     async def rule_add(self, rule: RuleSpec) -> None:
         try:

@@ -31,16 +31,18 @@ from accounting.exchange import CHANNEL_PORT
 from meshvpn import __version__
 from meshvpn.agent import DEFAULT_POOL, TUNNEL_MTU, Agent, CommonOptions
 from meshvpn.clock import now_ms
-from meshvpn.directory import announce_topic, reply_topic, session_topic
+from meshvpn.directory import ANNOUNCE_PREFIX, announce_topic, reply_topic, session_topic
 from meshvpn.errors import LocalError
 from meshvpn.footprint import nft_apply, write_sysctl
 from meshvpn.handshake import accept_request
-from meshvpn.identity import PublicKey
+from meshvpn.identity import PublicKey, client_mesh_address
 from meshvpn.messages import (
     ROLE_ENTRY,
     ROLE_EXIT,
+    ROLE_MESH,
     STATUS_NAMES,
     Announcement,
+    LinkRequest,
     MessageError,
     sign,
 )
@@ -48,8 +50,16 @@ from meshvpn.mqtt import BrokerAddress, ControlLink, WillMessage
 from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeResponder
 from meshvpn.wireguard.model import Endpoint, PeerSpec
-from relay.exit import DEFAULT_EXIT_POLICY, ExitPolicy, discover_host_networks, exit_ruleset
+from relay.exit import (
+    DEFAULT_EXIT_POLICY,
+    ExitPolicy,
+    MeshRules,
+    discover_host_networks,
+    exit_ruleset,
+    mesh_sources_update,
+)
 from relay.exit import TABLE as EXIT_TABLE
+from relay.mesh import MESH_RANGE, Mesh, MeshOptions
 from relay.metering import ReceiptDesk
 from relay.pool import AddressPool
 from relay.sessions import Session, SessionBook
@@ -73,6 +83,7 @@ class RelayOptions(CommonOptions):
     capacity: int = 100
     announce_ttl_s: int = 60
     exit_policy: ExitPolicy = DEFAULT_EXIT_POLICY  # what clients may reach: relay/exit.py
+    mesh: MeshOptions | None = None  # links to other relays: relay/mesh.py
 
     @property
     def probe(self) -> int:
@@ -104,6 +115,8 @@ class RelayAgent(Agent):
             raise LocalError(
                 "a relay on a broker needs --endpoint", "give the address clients dial"
             )
+        if opts.mesh is not None and opts.broker is None:
+            raise LocalError("the mesh needs a broker", "give --broker, or leave out --mesh")
         self.pool = AddressPool(opts.pool)
         self.book = SessionBook(
             pool=self.pool,
@@ -124,6 +137,7 @@ class RelayAgent(Agent):
         self._logged: set[str] = set()
         self._last_issued = 0
         self._peers_changed = asyncio.Event()
+        self.mesh: Mesh | None = None
         self.control.handlers["admit"] = self._op_admit
         self.control.handlers["release"] = self._op_release
 
@@ -172,10 +186,17 @@ class RelayAgent(Agent):
         tmp.replace(self.leases_path)
 
     def desired_peers(self) -> dict[PublicKey, PeerSpec]:
-        return {
-            key: PeerSpec(key, (ipaddress.ip_network(f"{addr}/32"),))
-            for key, addr in self.pool.leases.items()
-        }
+        peers = {}
+        for key, addr in self.pool.leases.items():
+            allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+                ipaddress.ip_network(f"{addr}/32")
+            ]
+            if self.mesh is not None:
+                # its address in our /64: what its end-to-end sessions come from
+                v6 = client_mesh_address(self.identity.mesh_address, addr)
+                allowed.append(ipaddress.IPv6Network(f"{v6}/128"))
+            peers[key] = PeerSpec(key, tuple(allowed))
+        return peers
 
     async def _apply_peers(self) -> None:
         assert self.device is not None  # noqa: S101 - set before build()
@@ -204,6 +225,17 @@ class RelayAgent(Agent):
             ", ".join(map(str, host.router_addresses)) or "no addresses",
             ", ".join(map(str, host.lan_networks)) or "none found",
         )
+        if opts.mesh is not None:
+            self.mesh = Mesh(
+                self.identity,
+                opts.mesh,
+                ifname=opts.ifname,
+                backend=opts.backend,
+                state_dir=opts.state_dir,
+                footprint=self.footprint,
+                access_ifname=opts.ifname,
+                on_sources_changed=self._mesh_sources_changed,
+            )
         self.footprint.will_create_nft_table(EXIT_TABLE)
         nft_apply(
             exit_ruleset(
@@ -214,9 +246,23 @@ class RelayAgent(Agent):
                 router_addresses=host.router_addresses,
                 client_services=(("udp", CHANNEL_PORT),),  # receipts come back here
                 forward=opts.exit,
+                mesh=None
+                if self.mesh is None
+                else MeshRules(
+                    link_prefix=f"{opts.ifname}m",
+                    address=self.mesh.address,
+                    client_prefix=self.mesh.prefix,
+                    mesh_range=MESH_RANGE,
+                    sources=frozenset({self.mesh.prefix}),
+                ),
             )
         )
+        if self.mesh is not None:
+            await self.mesh.build()
         await self._apply_peers()
+
+    async def _mesh_sources_changed(self, sources: frozenset[ipaddress.IPv6Network]) -> None:
+        await asyncio.to_thread(nft_apply, mesh_sources_update(sources))
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
         assert self.device is not None  # noqa: S101 - built before background()
@@ -226,15 +272,20 @@ class RelayAgent(Agent):
             self.desk.serve_channel(self.pool.gateway),
         ]
         if self.opts.broker is not None:
+            subscriptions = [(session_topic(self.identity.node_id), 1)]
+            if self.mesh is not None:
+                subscriptions.append((f"{ANNOUNCE_PREFIX}+", 1))
             self.link = ControlLink(
                 self.opts.broker,
                 name=f"relay-{self.identity.node_id}",
-                subscriptions=[(session_topic(self.identity.node_id), 1)],
+                subscriptions=subscriptions,
                 handler=self._on_message,
                 will=WillMessage(announce_topic(self.identity.node_id), b""),
                 on_connect=self._announce,
             )
             jobs += [self.link.run(), self._announce_loop(), self._serve_probes()]
+            if self.mesh is not None:
+                jobs.append(self.mesh.run(self.link))
         jobs.append(self.desk.deliver(self.link))
         return jobs
 
@@ -265,7 +316,9 @@ class RelayAgent(Agent):
             endpoints=((opts.endpoint.host, opts.endpoint.port),),
             probe_port=opts.probe,
             mesh_address=self.identity.mesh_address.packed,
-            roles=ROLE_ENTRY | (ROLE_EXIT if opts.exit else 0),
+            roles=ROLE_ENTRY
+            | (ROLE_EXIT if opts.exit else 0)
+            | (ROLE_MESH if opts.mesh is not None else 0),
             geohash=opts.geohash,
             price_per_gib=opts.price_per_gib,
             capacity=opts.capacity,
@@ -316,6 +369,13 @@ class RelayAgent(Agent):
             )
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
+        if self.mesh is not None:
+            if topic.startswith(ANNOUNCE_PREFIX):
+                self.mesh.on_announcement(topic, payload)
+                return
+            if self.mesh.want_reply(topic):
+                self.mesh.on_reply(topic, payload)
+                return
         if topic != session_topic(self.identity.node_id):
             self._count_reject("wrong-topic", topic[:80])
             return
@@ -326,6 +386,15 @@ class RelayAgent(Agent):
             )
         except MessageError as exc:
             self._count_reject(exc.reason, str(exc))
+            return
+        assert self.link is not None  # noqa: S101 - messages only come through the link
+        if isinstance(received.request, LinkRequest):
+            if self.mesh is None:
+                self._count_reject("no-mesh", "a link request, but this relay runs no mesh")
+                return
+            link_grant = await self.mesh.on_link_request(received)
+            wire = received.answer(link_grant, self.identity.identity_key)
+            await self.link.publish(reply_topic(received.request.reply_token), wire)
             return
         decision = self.book.decide(
             received.request, received.client_identity, received.ephemeral, os.urandom(16), now
@@ -350,7 +419,6 @@ class RelayAgent(Agent):
                 STATUS_NAMES[decision.grant.status],
             )
         wire = received.answer(decision.grant, self.identity.identity_key)
-        assert self.link is not None  # noqa: S101 - messages only come through the link
         await self.link.publish(reply_topic(received.request.reply_token), wire)
 
     async def _expire_sessions(self) -> None:
@@ -436,11 +504,14 @@ class RelayAgent(Agent):
             "counters": dict(self.counters),
             "receipts": self.desk.summary(),
             "peers": peers,
+            "mesh": self.mesh.status() if self.mesh is not None else None,
         }
 
     async def before_stop(self) -> None:
         await self._clear_announcement()
 
     async def teardown(self) -> None:
+        if self.mesh is not None:
+            await self.mesh.close()
         await super().teardown()
         self.desk.close()

@@ -420,8 +420,17 @@ def drop_sets(
     )
 
 
-def _set(name: str, kind: str, elements: Iterable[object], *, interval: bool = True) -> str:
+def _set(
+    name: str,
+    kind: str,
+    elements: Iterable[object],
+    *,
+    interval: bool = True,
+    merge: bool = False,
+) -> str:
     flags = " flags interval;" if interval else ""
+    if merge:
+        flags += " auto-merge;"  # overlapping elements (a /128 inside a /64) are fine
     items = ", ".join(str(e) for e in elements)
     body = f" elements = {{ {items} }};" if items else ""
     return f"    set {name} {{ type {kind};{flags}{body} }}\n"
@@ -429,6 +438,28 @@ def _set(name: str, kind: str, elements: Iterable[object], *, interval: bool = T
 
 def _family(nets: Iterable[Network], version: int) -> list[Network]:
     return [n for n in nets if n.version == version]
+
+
+@dataclass(frozen=True)
+class MeshRules:
+    """What a mesh relay adds to its table: links named ``{link_prefix}{slot}``
+    carry only sources routing knows (``sources``, kept current with
+    ``mesh_sources_update``) and transit between each other; its clients
+    (``client_prefix``, on the access interface) may send UDP into the mesh,
+    their end-to-end WireGuard sessions, and get it back."""
+
+    link_prefix: str
+    address: ipaddress.IPv6Address  # the relay's own mesh address
+    client_prefix: ipaddress.IPv6Network
+    mesh_range: ipaddress.IPv6Network
+    sources: frozenset[ipaddress.IPv6Network]
+
+
+def mesh_sources_update(sources: Iterable[ipaddress.IPv6Network]) -> str:
+    """``nft -f`` input replacing the mesh source set in one transaction."""
+    elements = ", ".join(str(n) for n in sorted(sources))
+    body = f"add element {TABLE} mesh_sources {{ {elements} }}\n" if elements else ""
+    return f"flush set {TABLE} mesh_sources\n{body}"
 
 
 def exit_ruleset(
@@ -440,13 +471,17 @@ def exit_ruleset(
     router_addresses: Iterable[Address],
     client_services: tuple[tuple[str, int], ...] = (),
     forward: bool = True,
+    mesh: MeshRules | None = None,
 ) -> str:
     """The whole table, as ``nft -f`` input. ``client_services`` (proto, port) stay
     open to clients on the tunnel gateway address. With ``forward`` off (a relay
     that is no exit) clients' traffic is not forwarded anywhere: a home router
-    usually forwards already, and its LAN must stay closed all the same."""
+    usually forwards already, and its LAN must stay closed all the same. With
+    ``mesh``, see ``MeshRules``."""
     if not _IFNAME_RE.fullmatch(wg_ifname):
         raise LocalError(f"bad interface name {wg_ifname!r}")
+    if mesh is not None and not _IFNAME_RE.fullmatch(mesh.link_prefix):
+        raise LocalError(f"bad interface name {mesh.link_prefix!r}")
     for proto, port in client_services:
         if proto not in PROTOCOLS or isinstance(port, bool) or not 1 <= port <= 65535:
             raise LocalError(f"bad client service {proto}/{port}")
@@ -466,6 +501,27 @@ def exit_ruleset(
         counters["no_exit"] = "this relay is not an exit"
     if policy.dns is not None:
         counters["dns_redirected"] = "clients' DNS sent to --dns"
+    mesh_input = mesh_forward = ""
+    if mesh is not None:
+        counters["mesh_spoofed"] = "mesh link source that routing does not know"
+        links = f'iifname "{mesh.link_prefix}*"'
+        spoofed = (
+            f"        {links} ip6 saddr != @mesh_sources counter name mesh_spoofed drop"
+            ' comment "mesh source that routing does not know"\n'
+        )
+        mesh_input = spoofed + (
+            f"        {wg} ip6 saddr {mesh.client_prefix} ip6 daddr {mesh.address}"
+            ' icmpv6 type echo-request accept comment "clients check their entry is alive"\n'
+        )
+        mesh_forward = (
+            spoofed
+            + f'        {links} oifname "{mesh.link_prefix}*" accept comment "mesh transit"\n'
+            + f'        {links} oifname "{wg_ifname}" ip6 daddr {mesh.client_prefix}'
+            ' meta l4proto { udp, ipv6-icmp } accept comment "to our clients, from the mesh"\n'
+            + f"        {wg} ip6 saddr {mesh.client_prefix} ip6 daddr {mesh.mesh_range}"
+            f' oifname "{mesh.link_prefix}*" meta l4proto {{ udp, ipv6-icmp }} accept'
+            ' comment "clients\' end-to-end sessions into the mesh: ciphertext only"\n'
+        )
     declarations = "".join(
         f'    counter {name} {{ comment "{text}"; }}\n' for name, text in counters.items()
     )
@@ -480,6 +536,8 @@ def exit_ruleset(
     for proto in PROTOCOLS:
         ports = [port for p, port in policy.blocked_ports if p == proto]
         declarations += _set(f"blocked_{proto}", "inet_service", ports, interval=False)
+    if mesh is not None:
+        declarations += _set("mesh_sources", "ipv6_addr", sorted(mesh.sources), merge=True)
 
     def drop(match: str, counter: str, comment: str | None = None) -> str:
         return (
@@ -532,14 +590,14 @@ delete table {TABLE}
 table {TABLE} {{
 {declarations}{prerouting}    chain input {{
         type filter hook input priority filter; policy accept;
-{drop(f"ip saddr != {pool}", "spoofed")}\
+{mesh_input}{drop(f"ip saddr != {pool}", "spoofed")}\
         {wg} ct state established,related accept
         {wg} ip daddr {gateway} icmp type echo-request accept
 {services}{drop("", "to_router")}\
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
-{drop(f"ip saddr != {pool}", "spoofed")}\
+{mesh_forward}{drop(f"ip saddr != {pool}", "spoofed")}\
 {drop("meta nfproto ipv6", "spoofed", "IPv6 source: the pool is IPv4")}\
 {drop(f'oifname "{wg_ifname}"', "client_to_client")}\
         {wg} tcp flags syn / syn,rst tcp option maxseg size set rt mtu

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,49 @@ def start_relay(
     raise LocalError(f"{node}: the relay agent did not start: {' '.join(log_tail) or 'no log'}")
 
 
+def node_id(lab: Lab, node: str) -> str:
+    meshvpn(lab, node, "init")
+    return str(json.loads(meshvpn(lab, node, "id", "--json"))["node_id"])
+
+
+def start_mesh(
+    lab: Lab, links: Sequence[tuple[int, int]] | None = None, *extra: str
+) -> dict[int, dict[str, Any]]:
+    """Start every relay of the lab with ``--mesh``; with ``links`` (pairs of relay
+    indices), each links with exactly its partners there (a chain, a ring...),
+    else with its nearest. Returns each relay's status by index."""
+    count = len(lab.plan.relays)
+    ids = {i: node_id(lab, f"relay{i}") for i in range(1, count + 1)}
+    partners: dict[int, list[int]] = {i: [] for i in ids}
+    for a, b in links or ():
+        partners[a].append(b)
+        partners[b].append(a)
+    started = {}
+    for i in ids:
+        pinned = [arg for j in partners[i] for arg in ("--mesh-neighbour", ids[j])]
+        started[i] = start_relay(lab, i, "--mesh", *pinned, *extra, broker=True)
+    return started
+
+
+def wait_mesh_routes(lab: Lab, timeout: float = 30.0) -> dict[int, dict[str, Any]]:
+    """Until every relay has a route to every other relay's prefix."""
+    count = len(lab.plan.relays)
+    deadline = time.monotonic() + timeout
+    statuses: dict[int, dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        statuses = {}
+        for i in range(1, count + 1):
+            status = node_status(lab, f"relay{i}")
+            if status is None:
+                raise LocalError(f"relay{i} does not answer")
+            statuses[i] = status
+        if all(len(s["mesh"]["routes"]) >= count - 1 for s in statuses.values()):
+            return statuses
+        time.sleep(0.2)
+    routes = {i: len(s["mesh"]["routes"]) for i, s in statuses.items()}
+    raise LocalError(f"the mesh did not converge within {timeout:g} s: routes per relay {routes}")
+
+
 def discover_and_connect(lab: Lab, index: int, *extra: str, check: bool = True) -> str:
     """`meshvpn connect --broker` from a client: it finds, probes and negotiates."""
     node = f"client{index}"
@@ -167,6 +211,53 @@ def fetch(lab: Lab, node: str, path: str, timeout: float = 60) -> bytes:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
         raise LocalError(f"{node}: GET {url} failed: {err[-1] if err else proc.returncode}")
     return proc.stdout
+
+
+_DOWNLOAD = """\
+import json, sys, time, urllib.request
+url, want = sys.argv[1], int(sys.argv[2])
+start = last = time.monotonic()
+got, gap, err = 0, 0.0, ""
+try:
+    with urllib.request.urlopen(url, timeout=60) as r:
+        while chunk := r.read(65536):
+            now = time.monotonic()
+            gap, last = max(gap, now - last), now
+            got += len(chunk)
+except Exception as e:  # reported, not raised: the caller judges
+    err = repr(e)
+print(json.dumps({"bytes": got, "want": want, "seconds": time.monotonic() - start,
+                  "max_gap_s": max(gap, time.monotonic() - last) if err else gap, "error": err}))
+"""
+
+
+class Download:
+    """``GET /bytes/N`` from a node in the background, timing the longest stall."""
+
+    def __init__(self, lab: Lab, node: str, nbytes: int) -> None:
+        url = f"http://{lab.plan.internet.web_addr}/bytes/{nbytes}"
+        argv = ["ip", "netns", "exec", lab.netns(node), sys.executable, "-c", _DOWNLOAD]
+        self.proc = subprocess.Popen(
+            [*argv, url, str(nbytes)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+    def result(self, timeout: float = 300) -> dict[str, Any]:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise LocalError(f"the download did not end within {timeout:g} s") from None
+        try:
+            return dict(json.loads(out))
+        except ValueError:
+            why = err.decode(errors="replace")[-300:]
+            raise LocalError(f"the download failed: {why}") from None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
 
 
 def up(prefix: str, relays: int, clients: int, latency_ms: list[float] | None = None) -> Lab:

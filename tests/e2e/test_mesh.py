@@ -1,0 +1,205 @@
+"""The relay mesh in the lab: links, routes, multi-hop sessions, failover.
+
+Six relays whose links are pinned to a ring (relay1 … relay6, relay6 back to
+relay1): relay1 and relay4 have no direct link, so a client entering at
+relay1 and leaving at relay4 crosses three hops, whichever way routing sends
+it. Real wireguard-go links, real routing packets, real kills.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from meshvpn.lab.httpserver import pattern
+from meshvpn.lab.nodes import (
+    Download,
+    discover_and_connect,
+    fetch,
+    meshvpn,
+    node_ifname,
+    node_status,
+    start_broker,
+    start_mesh,
+    wait_mesh_routes,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from meshvpn.lab import Lab
+
+pytestmark = pytest.mark.e2e
+
+RING = [(1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 1)]
+DOWNLOAD_BYTES = 50_000_000
+
+
+def _ring(make_lab: Callable[..., Lab]) -> tuple[Lab, dict[int, dict[str, Any]]]:
+    lab = make_lab(6, 1)
+    start_broker(lab)
+    started = start_mesh(lab, RING)
+    wait_mesh_routes(lab)
+    return lab, started
+
+
+def _status(lab: Lab, node: str) -> dict[str, Any]:
+    status = node_status(lab, node)
+    assert status is not None, f"{node} does not answer"
+    return status
+
+
+def _connect(lab: Lab, ids: dict[int, str], *, entry: int, exit_: int) -> dict[str, Any]:
+    discover_and_connect(lab, 1, "--entry", ids[entry], "--exit", ids[exit_])
+    path = _status(lab, "client1")["path"]
+    assert path["entry"] == ids[entry]
+    assert path["exit"] == ids[exit_]
+    return dict(path)
+
+
+def _next_hop(lab: Lab, ids: dict[int, str], at: int, to: int) -> int:
+    """Which relay ``at`` forwards to on its way to ``to`` (from its route table)."""
+    mesh = _status(lab, f"relay{at}")["mesh"]
+    target = _status(lab, f"relay{to}")["mesh"]["prefix"]
+    via = mesh["routes"][target]["via"]
+    neighbour = next(link["node_id"] for link in mesh["links"] if link["interface"] == via)
+    return next(i for i, nid in ids.items() if nid == neighbour)
+
+
+def _kill(lab: Lab, index: int) -> None:
+    pid = _status(lab, f"relay{index}")["pid"]
+    os.kill(pid, signal.SIGKILL)  # the lab started it: ours to kill
+
+
+def test_ring_converges_to_shortest_paths(make_lab: Callable[..., Lab]) -> None:
+    lab, started = _ring(make_lab)
+    ids = {i: s["node_id"] for i, s in started.items()}
+    for i in ids:
+        mesh = _status(lab, f"relay{i}")["mesh"]
+        neighbours = {link["node_id"] for link in mesh["links"]}
+        ring_partners = {ids[b] for a, b in RING if a == i} | {ids[a] for a, b in RING if b == i}
+        assert neighbours == ring_partners, f"relay{i} linked with the wrong relays"
+        for j in ids:
+            if j == i:
+                continue
+            hops = min((j - i) % 6, (i - j) % 6)
+            target = _status(lab, f"relay{j}")["mesh"]["prefix"]
+            assert mesh["routes"][target]["metric"] > 0
+            # Walk the next hops: they reach j in exactly the ring distance.
+            at, walked = i, 0
+            while at != j:
+                at = _next_hop(lab, ids, at, j)
+                walked += 1
+                assert walked <= 6, f"forwarding loop from relay{i} to relay{j}"
+            assert walked == hops, f"relay{i} → relay{j}: {walked} hops, shortest is {hops}"
+
+    # A relay that stops takes its links, routes and rule with it.
+    links = [link["interface"] for link in _status(lab, "relay6")["mesh"]["links"]]
+    meshvpn(lab, "relay6", "down")
+    ip_links = lab.exec("relay6", ["ip", "-o", "link"]).stdout.decode()
+    assert not [name for name in links if f" {name}:" in ip_links]
+    assert "51830" not in lab.exec("relay6", ["ip", "-6", "rule"]).stdout.decode()
+    routes = lab.exec("relay6", ["ip", "-6", "route", "show", "table", "51830"], check=False)
+    assert routes.stdout.strip() == b""
+
+
+def test_three_hops_entry_sees_only_ciphertext_exit_never_the_client(
+    make_lab: Callable[..., Lab],
+) -> None:
+    lab, started = _ring(make_lab)
+    ids = {i: s["node_id"] for i, s in started.items()}
+    _connect(lab, ids, entry=1, exit_=4)
+    client_uplink = str(lab.plan.client(1).uplink_addr)
+    exit_status = _status(lab, "relay4")
+    exit_ifaces = [
+        "wan0",
+        node_ifname(lab, "relay4"),
+        *(link["interface"] for link in exit_status["mesh"]["links"]),
+    ]
+    body = pattern(400_000)
+    with (
+        lab.capture("relay1", node_ifname(lab, "relay1")) as at_entry,
+        lab.capture("relay4", exit_ifaces[0]) as exit_wan,
+        lab.capture("relay4", exit_ifaces[1]) as exit_access,
+        lab.capture("relay4", exit_ifaces[2]) as exit_link_a,
+        lab.capture("relay4", exit_ifaces[3]) as exit_link_b,
+    ):
+        seen_ip = fetch(lab, "client1", "/ip").decode()
+        assert fetch(lab, "client1", "/bytes/400000") == body
+    assert seen_ip == str(lab.plan.relay(4).wan_addr), "the web server must see the exit"
+
+    # The entry decrypts the access link and finds only UDP (and echo) to the mesh.
+    assert len(at_entry) > 100, "the entry's capture saw too little to judge"
+    mesh_range = ipaddress.ip_network("fd00::/8")
+    for pkt in at_entry:
+        raw = bytes(pkt)
+        assert body[1000:1064] not in raw, "plaintext of the download at the entry relay"
+        assert b"GET /bytes/400000" not in raw, "the client's request in clear at the entry"
+        if pkt.haslayer("IPv6"):
+            assert ipaddress.ip_address(pkt["IPv6"].dst) in mesh_range or ipaddress.ip_address(
+                pkt["IPv6"].src
+            ) in mesh_range
+            assert pkt.haslayer("UDP") or pkt.haslayer("ICMPv6EchoRequest") or pkt.haslayer(
+                "ICMPv6EchoReply"
+            )
+    # The exit saw the traffic, and never the client's own address.
+    exit_packets = [*exit_wan, *exit_access, *exit_link_a, *exit_link_b]
+    assert len(exit_packets) > 100
+    for pkt in exit_packets:
+        for layer in ("IP", "IPv6"):
+            if pkt.haslayer(layer):
+                assert client_uplink not in (pkt[layer].src, pkt[layer].dst)
+        assert client_uplink.encode() not in bytes(pkt)
+
+
+def test_transit_relay_dies_during_a_download(
+    make_lab: Callable[..., Lab], record_property: Callable[[str, object], None]
+) -> None:
+    lab, started = _ring(make_lab)
+    ids = {i: s["node_id"] for i, s in started.items()}
+    _connect(lab, ids, entry=1, exit_=4)
+    transit = _next_hop(lab, ids, 1, 4)
+    assert transit in {2, 6}
+    download = Download(lab, "client1", DOWNLOAD_BYTES)
+    try:
+        time.sleep(1.0)
+        _kill(lab, transit)
+        result = download.result()
+    finally:
+        download.stop()
+    record_property("transit_failover_gap_s", round(result["max_gap_s"], 2))
+    print(f"\ntransit relay{transit} killed: longest stall {result['max_gap_s']:.2f} s")
+    assert result["error"] == ""
+    assert result["bytes"] == DOWNLOAD_BYTES
+    assert _next_hop(lab, ids, 1, 4) == ({2, 6} - {transit}).pop(), "not routed around"
+
+
+def test_entry_relay_dies_client_moves_to_its_standby(
+    make_lab: Callable[..., Lab], record_property: Callable[[str, object], None]
+) -> None:
+    lab, started = _ring(make_lab)
+    ids = {i: s["node_id"] for i, s in started.items()}
+    path = _connect(lab, ids, entry=1, exit_=4)
+    standby = path["standby_entry"]
+    assert standby is not None and standby not in (ids[1], ids[4])
+    download = Download(lab, "client1", DOWNLOAD_BYTES)
+    try:
+        time.sleep(1.0)
+        _kill(lab, 1)
+        result = download.result()
+    finally:
+        download.stop()
+    record_property("entry_failover_gap_s", round(result["max_gap_s"], 2))
+    print(f"\nentry relay1 killed: longest stall {result['max_gap_s']:.2f} s")
+    assert result["error"] == ""
+    assert result["bytes"] == DOWNLOAD_BYTES
+    after = _status(lab, "client1")["path"]
+    assert after["entry"] == standby
+    assert after["exit"] == ids[4], "the session with the exit must survive"
+    assert any("is silent: switching to" in line for line in after["events"])
+    assert fetch(lab, "client1", "/ip").decode() == str(lab.plan.relay(4).wan_addr)
