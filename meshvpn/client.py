@@ -278,7 +278,7 @@ class ClientAgent(Agent):
         if not candidates:
             raise RemoteError(
                 f"no usable relay: the broker listed {len(self.directory.entries)} relay(s),"
-                " none of them an exit with room that fits --exit-region/--max-price",
+                " none of them an exit that fits --exit-region/--max-price",
                 "try again later or relax the filters",
             )
         rtts = await probe_all(candidates)
