@@ -218,6 +218,7 @@ class RelayAgent(Agent):
         await self.apply_exit()
         await self.controls.apply_shaping(self.footprint)
         await self._apply_peers()
+        await self.controls.check(self)  # the first announcement already tells the truth
 
     async def apply_exit(self) -> None:
         """The exit table, from the current settings (replaced atomically on reload)."""

@@ -174,7 +174,7 @@ class OperatorControls:
             await agent.end_sessions(ending, why)
         elif changed:
             await agent.announce_now()
-        if time.monotonic() - self._saved_at > USAGE_SAVE_S:
+        if changed or time.monotonic() - self._saved_at > USAGE_SAVE_S:
             self.save_usage()
 
     async def watch(self, agent: RelayAgent) -> None:
