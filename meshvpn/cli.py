@@ -483,7 +483,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     from meshvpn.config import check, config_path, read_text  # noqa: PLC0415
 
     path, _ = config_path(args.path)
-    if not path.exists():
+    if path is None or not path.exists():
         raise LocalError(f"no config at {path}", "give its path: `meshvpn config check PATH`")
     _, problems = check(read_text(path), str(path))
     if args.json:

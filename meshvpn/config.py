@@ -602,14 +602,14 @@ class Config:
 EMPTY: Final = Config(None, {})
 
 
-def config_path(given: str | None) -> tuple[Path, bool]:
-    """The file to read, and whether it must exist (named by flag or environment)."""
-    if given is not None:
-        return Path(given), True
-    env = os.environ.get(CONFIG_ENV)
-    if env is not None:
-        return Path(env), bool(env)
-    return DEFAULT_CONFIG, False
+def config_path(given: str | None) -> tuple[Path | None, bool]:
+    """The file to read (None: none), and whether it must exist (named by flag or env)."""
+    text = given if given is not None else os.environ.get(CONFIG_ENV)
+    if text is None:
+        return DEFAULT_CONFIG, False
+    if text in ("", "none"):
+        return None, False
+    return Path(text), True
 
 
 def read_text(path: Path) -> str:
@@ -624,9 +624,7 @@ def read_text(path: Path) -> str:
 def load_file(given: str | None) -> Config:
     """Read and check the config; ``ConfigError`` (exit 3) naming the first problem."""
     path, required = config_path(given)
-    if str(path) in ("", "none"):
-        return EMPTY
-    if not required and not path.exists():
+    if path is None or (not required and not path.exists()):
         return EMPTY
     values, problems = check(read_text(path), str(path))
     if problems:

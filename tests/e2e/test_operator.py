@@ -65,7 +65,7 @@ def relay_status(lab: Lab) -> dict[str, Any]:
     return status
 
 
-def wait_for(what: str, check: Any, timeout: float = 20.0) -> Any:  # noqa: ANN401
+def wait_for(what: str, check: Any, timeout: float = 20.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         got = check()
