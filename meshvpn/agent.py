@@ -285,6 +285,7 @@ class Agent:
         await asyncio.wait([died, stop, *jobs], return_when=asyncio.FIRST_COMPLETED)
         if died.done() and not died.cancelled() and self.device_failure:
             raise LocalError(self.device_failure, "see wireguard-go.log in the state directory")
+        notify_systemd("STOPPING=1")
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.before_stop(), 3.0)
         log.info("stopping: %s", self.stop_reason)

@@ -298,3 +298,26 @@ def test_metrics_endpoint(make_lab: Any, tmp_path: Path) -> None:
     assert got["meshvpn_sharing_open"] == 1
     assert got["meshvpn_session_capacity"] == 100
     assert "meshvpn_receipts_total" in got
+
+
+# ---- systemd's notify protocol, spoken by the relay itself
+
+
+def test_relay_notifies_ready_reloading_and_stopping(make_lab: Any, tmp_path: Path) -> None:
+    import socket  # noqa: PLC0415
+
+    config = write_config(tmp_path / "relay.toml", "price_per_gib = 1000")
+    lab = make_lab(1, 0)
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))  # a path socket: reachable from the relay's network namespace
+        sock.settimeout(20)
+        start_relay(lab, 1, "--config", str(config), env={"NOTIFY_SOCKET": str(path)})
+        assert sock.recv(4096) == b"READY=1"
+        write_config(config, "price_per_gib = 2000")
+        os.kill(int(relay_status(lab)["pid"]), signal.SIGHUP)
+        assert sock.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+        assert sock.recv(4096) == b"READY=1"
+        assert relay_status(lab)["sharing"]["settings"]["price_per_gib"] == 2000
+        meshvpn(lab, "relay1", "down")
+        assert sock.recv(4096) == b"STOPPING=1"
