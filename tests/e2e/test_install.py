@@ -82,27 +82,20 @@ def test_verify_catches_a_typo(tmp_path: Path) -> None:
     assert "Unknown key" in verify(bad)
 
 
+def make_install(
+    stage: Path, prefix: Path, etc: Path, units: Path
+) -> subprocess.CompletedProcess[str]:
+    argv = ["make", "-C", str(ROOT), "install", f"DESTDIR={stage}", f"PREFIX={prefix}"]
+    argv += [f"SYSCONFDIR={etc}", f"UNITDIR={units}"]
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=600)
+
+
 def test_make_install_into_a_scratch_root(tmp_path: Path) -> None:
     need("make")
     stage, final = tmp_path / "stage", tmp_path / "final"
     prefix, etc = final / "usr", final / "etc"
     units = final / "lib" / "systemd" / "system"
-    proc = subprocess.run(
-        [
-            "make",
-            "-C",
-            str(ROOT),
-            "install",
-            f"DESTDIR={stage}",
-            f"PREFIX={prefix}",
-            f"SYSCONFDIR={etc}",
-            f"UNITDIR={units}",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    proc = make_install(stage, prefix, etc, units)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     staged = stage / final.relative_to("/")
     # nothing in the installed scripts points into the staging area
@@ -130,22 +123,7 @@ def test_make_install_into_a_scratch_root(tmp_path: Path) -> None:
     # a second install keeps the owner's config
     config.write_text("[sharing]\nprice_per_gib = 7\n")
     shutil.move(final, staged)
-    again = subprocess.run(
-        [
-            "make",
-            "-C",
-            str(ROOT),
-            "install",
-            f"DESTDIR={stage}",
-            f"PREFIX={prefix}",
-            f"SYSCONFDIR={etc}",
-            f"UNITDIR={units}",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
+    again = make_install(stage, prefix, etc, units)
     assert again.returncode == 0, again.stderr
     assert (staged / "etc" / "meshvpn" / "meshvpn.toml").read_text() == (
         "[sharing]\nprice_per_gib = 7\n"
