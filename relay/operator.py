@@ -52,6 +52,8 @@ GIB: Final = 1 << 30
 MIB: Final = 1 << 20
 DAY_MINUTES: Final = 24 * 60
 HTB_QUANTUM: Final = 1514  # one full frame per round: no "quantum is big" warnings at any rate
+QUEUE_MS: Final = 200  # queue under the cap: enough for TCP to fill it, bounded delay
+MIN_QUEUE_BYTES: Final = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,14 @@ def shaping_batch(wg_ifname: str, kbit: int, *, create: bool) -> str:
         f"class replace dev {ifb} parent 1: classid 1:10 htb {rate}",
     ]
     if create:
+        # A byte fifo of QUEUE_S at the cap under each class: the ifb device's default
+        # leaf (a 32-packet fifo) drops too early and TCP stays well under the cap.
+        # bfifo, not fq_codel: every kernel has it (this lab's has no fq_codel).
+        limit = max(MIN_QUEUE_BYTES, kbit * 1000 // 8 * QUEUE_MS // 1000)
+        lines += [
+            f"qdisc replace dev {dev} parent 1:10 handle 10: bfifo limit {limit}"
+            for dev in (wg_ifname, ifb)
+        ]
         lines += [
             f"qdisc replace dev {wg_ifname} handle ffff: ingress",
             (

@@ -190,6 +190,8 @@ def test_shaping_batches() -> None:
             "class replace dev meshvpn0-up parent 1: classid 1:10 htb"
             " rate 5000kbit ceil 5000kbit quantum 1514"
         ),
+        "qdisc replace dev meshvpn0 parent 1:10 handle 10: bfifo limit 125000",
+        "qdisc replace dev meshvpn0-up parent 1:10 handle 10: bfifo limit 125000",
         "qdisc replace dev meshvpn0 handle ffff: ingress",
         (
             "filter add dev meshvpn0 parent ffff: protocol all prio 1"
