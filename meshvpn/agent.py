@@ -156,6 +156,10 @@ class Agent:
     async def _op_status(self, _req: dict[str, Any]) -> dict[str, Any]:
         return await self.status()
 
+    def on_reload_signal(self) -> None:
+        """SIGHUP (systemd's ExecReload): re-read the configuration, where there is one."""
+        log.info("SIGHUP: this agent has nothing to reload")
+
     def request_stop(self, reason: str) -> None:
         if not self.stop_requested.is_set():
             self.stop_reason = reason
@@ -191,6 +195,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop, f"signal {signal.Signals(sig).name}")
+        loop.add_signal_handler(signal.SIGHUP, self.on_reload_signal)
         try:
             await self._clean_leftovers()
             try:
@@ -280,6 +285,7 @@ class Agent:
         await asyncio.wait([died, stop, *jobs], return_when=asyncio.FIRST_COMPLETED)
         if died.done() and not died.cancelled() and self.device_failure:
             raise LocalError(self.device_failure, "see wireguard-go.log in the state directory")
+        notify_systemd("STOPPING=1")
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.before_stop(), 3.0)
         log.info("stopping: %s", self.stop_reason)

@@ -19,17 +19,48 @@ import select
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from meshvpn import __version__
 from meshvpn.errors import LocalError, MeshvpnError
 from meshvpn.identity import DEFAULT_STATE_DIR, PublicKey, init_identity, load_identity
 
+if TYPE_CHECKING:
+    from meshvpn.wireguard.backend import BackendName
+
 DEFAULT_IFNAME = "meshvpn0"
 
 
+def _config(args: argparse.Namespace) -> Any:  # noqa: ANN401 - meshvpn.config.Config
+    """The config file (``--config``, ``$MESHVPN_CONFIG``, /etc/meshvpn/meshvpn.toml), read once."""
+    from meshvpn.config import load_file  # noqa: PLC0415
+
+    if getattr(args, "_config", None) is None:
+        args._config = load_file(getattr(args, "config", None))  # noqa: SLF001
+    return args._config  # noqa: SLF001
+
+
 def _state_dir(args: argparse.Namespace) -> Path:
-    return Path(args.state_dir).absolute()
+    """--state-dir, else $MESHVPN_STATE_DIR, else the config's state_dir, else the default."""
+    given = args.state_dir or os.environ.get("MESHVPN_STATE_DIR")
+    if given is None:
+        given = _config(args).get("state_dir", str(DEFAULT_STATE_DIR))
+    return Path(given).absolute()
+
+
+def _option(args: argparse.Namespace, attr: str, key: str, default: Any = None) -> Any:  # noqa: ANN401
+    """A flag given on the command line wins over the config file, which wins over ``default``."""
+    value = getattr(args, attr, None)
+    return value if value is not None else _config(args).get(key, default)
+
+
+def _checked(flag: str, text: str, convert: Any) -> Any:  # noqa: ANN401
+    from meshvpn.config import BadValueError  # noqa: PLC0415
+
+    try:
+        return convert(text)
+    except BadValueError as exc:
+        raise LocalError(f"bad {flag} {text!r}: {exc}") from None
 
 
 def _print_json(data: object) -> None:
@@ -75,11 +106,73 @@ def _endpoint(text: str | None, flag: str) -> Any:  # noqa: ANN401 - Endpoint | 
         ) from None
 
 
+# flag attribute -> config key, for the relay's settings (see meshvpn/config.py SCHEMA)
+RELAY_FLAGS = {
+    "interface": "interface",
+    "wg_backend": "wg_backend",
+    "broker": "broker",
+    "listen_port": "relay.listen_port",
+    "pool": "relay.pool",
+    "endpoint": "relay.endpoint",
+    "probe_port": "relay.probe_port",
+    "geohash": "relay.geohash",
+    "announce_ttl": "relay.announce_ttl",
+    "metrics": "relay.metrics",
+    "price": "sharing.price_per_gib",
+    "exit": "sharing.exit",
+    "capacity": "sharing.max_sessions",
+    "bandwidth_mbit": "sharing.bandwidth_mbit",
+    "monthly_cap_gib": "sharing.monthly_cap_gib",
+    "timezone": "sharing.timezone",
+    "dns": "sharing.dns",
+}
+# what a reload cannot change: the relay names these when the file changed them
+RELAY_FIXED = (
+    "interface", "wg_backend", "broker", "relay.listen_port", "relay.pool", "relay.endpoint",
+    "relay.probe_port", "relay.geohash", "relay.announce_ttl", "relay.metrics",
+)  # fmt: skip
+
+
+def _relay_values(args: argparse.Namespace, config: Any) -> dict[str, Any]:  # noqa: ANN401
+    """The config's values with the command line's on top (lists: flags add to the file's)."""
+    from meshvpn import config as c  # noqa: PLC0415
+
+    values = dict(config.values)
+    if os.environ.get("MESHVPN_WG_BACKEND"):
+        values["wg_backend"] = os.environ["MESHVPN_WG_BACKEND"]
+    for attr, key in RELAY_FLAGS.items():
+        if getattr(args, attr, None) is not None:
+            values[key] = getattr(args, attr)
+    if args.hours:
+        values["sharing.hours"] = [
+            _checked("--hours", h.strip(), c.hours_window) for a in args.hours for h in a.split(",")
+        ]
+    if args.timezone is not None:
+        _checked("--timezone", args.timezone, c.timezone)
+    if args.metrics is not None:
+        _checked("--metrics", args.metrics, c.listen_address)
+    for attr, key in (("allow", "sharing.allow_networks"), ("deny", "sharing.protected_networks")):
+        values[key] = [*values.get(key, []), *(getattr(args, attr) or [])]
+    blocked = list(values.get("sharing.blocked_ports", ["tcp/25"]))
+    for text in args.block_port or ():
+        if text.strip().lower() == "none":
+            blocked.clear()
+        else:
+            blocked.append(_checked("--block-port", text, c.port_spec))
+    values["sharing.blocked_ports"] = blocked
+    if values.get("sharing.hours") and "sharing.timezone" not in values:
+        raise LocalError(
+            "sharing hours need an explicit time zone", "add --timezone UTC (or Europe/Berlin...)"
+        )
+    return values
+
+
 def cmd_relay(args: argparse.Namespace) -> int:
+    from meshvpn.config import load_file  # noqa: PLC0415
     from meshvpn.mqtt import BrokerAddress  # noqa: PLC0415
     from relay.agent import RelayAgent, RelayOptions  # noqa: PLC0415
-    from relay.exit import ExitPolicy  # noqa: PLC0415
     from relay.mesh import MeshOptions  # noqa: PLC0415
+    from relay.operator import OperatorSettings, settings_from  # noqa: PLC0415
 
     mesh = None
     if args.mesh:
@@ -90,31 +183,45 @@ def cmd_relay(args: argparse.Namespace) -> int:
             neighbours=frozenset(args.mesh_neighbour or ()),
             link_port_base=args.mesh_port,
         )
-    exit_policy = ExitPolicy.from_flags(
-        allow=args.allow or (), deny=args.deny or (), block_ports=args.block_port, dns=args.dns
-    )
+
+    values = _relay_values(args, _config(args))
+    state_dir = _state_dir(args)
+
+    def reload() -> tuple[OperatorSettings, dict[str, Any]]:
+        fresh = _relay_values(args, load_file(getattr(args, "config", None)))
+        return settings_from(fresh), {k: fresh.get(k) for k in RELAY_FIXED}
+
+    pool_text = values.get("relay.pool", "100.64.0.0/24")
     try:
-        pool = ipaddress.IPv4Network(args.pool)
+        pool = ipaddress.IPv4Network(pool_text)
+        settings = settings_from(values)
     except ValueError as exc:
-        raise LocalError(
-            f"bad --pool {args.pool!r}: {exc}", "give a network like 100.64.0.0/24"
-        ) from None
+        raise LocalError(f"bad relay settings: {exc}") from None
+    metrics = None
+    if values.get("relay.metrics"):
+        host, _, port = str(values["relay.metrics"]).rpartition(":")
+        metrics = (host.strip("[]"), int(port))
+    broker = values.get("broker")
     opts = RelayOptions(
-        state_dir=_state_dir(args),
-        ifname=args.interface,
-        backend=args.wg_backend,
+        state_dir=state_dir,
+        ifname=values.get("interface", DEFAULT_IFNAME),
+        backend=values.get("wg_backend", "auto"),
         ready_fd=args.ready_fd,
-        listen_port=args.listen_port,
+        listen_port=values.get("relay.listen_port", 51820),
         pool=pool,
-        exit=args.exit,
-        broker=BrokerAddress.parse(args.broker) if args.broker else None,
-        endpoint=_endpoint(args.endpoint, "--endpoint"),
-        probe_port=args.probe_port,
-        geohash=args.geohash,
-        price_per_gib=args.price,
-        capacity=args.capacity,
-        announce_ttl_s=args.announce_ttl,
-        exit_policy=exit_policy,
+        exit=settings.exit,
+        broker=BrokerAddress.parse(broker) if broker else None,
+        endpoint=_endpoint(values.get("relay.endpoint"), "--endpoint"),
+        probe_port=values.get("relay.probe_port", 0),
+        geohash=values.get("relay.geohash", ""),
+        price_per_gib=settings.price_per_gib,
+        capacity=settings.max_sessions,
+        announce_ttl_s=values.get("relay.announce_ttl", 60),
+        exit_policy=settings.exit_policy,
+        operator=settings,
+        reload=reload,
+        fixed=tuple((k, values.get(k)) for k in RELAY_FIXED),
+        metrics=metrics,
         mesh=mesh,
     )
     try:
@@ -148,12 +255,13 @@ def _connect_options(args: argparse.Namespace) -> Any:  # noqa: ANN401
     from meshvpn.client import ClientOptions  # noqa: PLC0415
     from meshvpn.mqtt import BrokerAddress  # noqa: PLC0415
 
+    broker = _option(args, "broker", "broker", None)
     if args.hops < 1:
         raise LocalError(f"bad --hops {args.hops}", "give 1 (single hop) or more")
-    if (args.exit or args.entry or args.hops > 1) and args.broker is None:
+    if (args.exit or args.entry or args.hops > 1) and broker is None:
         raise LocalError("--exit, --entry and --hops need --broker", "add --broker HOST:PORT")
     manual = [args.relay, args.relay_key, args.address]
-    if args.broker is None and None in manual:
+    if broker is None and None in manual:
         raise LocalError(
             "connect needs --broker, or all of --relay, --relay-key and --address",
             "e.g. `meshvpn connect --broker 203.0.113.2:1883`",
@@ -173,21 +281,22 @@ def _connect_options(args: argparse.Namespace) -> Any:  # noqa: ANN401
             raise LocalError(
                 f"bad --address {args.address!r}: {exc}", "give e.g. 100.64.0.2/32"
             ) from None
+    backend = args.wg_backend or os.environ.get("MESHVPN_WG_BACKEND")
     return ClientOptions(
         state_dir=_state_dir(args),
-        ifname=args.interface,
-        backend=args.wg_backend,
+        ifname=_option(args, "interface", "interface", DEFAULT_IFNAME),
+        backend=cast("BackendName", backend or _config(args).get("wg_backend", "auto")),
         ready_fd=args.ready_fd,
         relay=_endpoint(args.relay, "--relay"),
         relay_key=relay_key,
         address=address,
-        broker=BrokerAddress.parse(args.broker) if args.broker else None,
-        near=args.near,
-        exit_region=args.exit_region,
-        max_price=args.max_price,
-        handshake_timeout=args.timeout,
-        lockdown=args.lockdown,
-        allow_lan=args.allow_lan,
+        broker=BrokerAddress.parse(broker) if broker else None,
+        near=_option(args, "near", "client.near", ""),
+        exit_region=_option(args, "exit_region", "client.exit_region", ""),
+        max_price=_option(args, "max_price", "client.max_price", None),
+        handshake_timeout=_option(args, "timeout", "client.timeout", 10.0),
+        lockdown=_option(args, "lockdown", "client.lockdown", default=True),
+        allow_lan=_option(args, "allow_lan", "client.allow_lan", default=False),
         exit_node=args.exit or "",
         entry_node=args.entry or "",
         hops=args.hops,
@@ -201,7 +310,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
     if args.foreground:
         return _run_agent(ClientAgent(opts).run())
     load_identity(opts.state_dir)  # fail here, in the user's terminal, if keys are bad
-    return _run_detached(opts, args.timeout + 15)
+    return _run_detached(opts, opts.handshake_timeout + 15)
 
 
 def _run_detached(opts: Any, timeout: float) -> int:  # noqa: ANN401 - ClientOptions
@@ -389,6 +498,43 @@ def _print_status(s: dict[str, Any]) -> None:
             )
 
 
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from meshvpn.config import check, config_path, read_text  # noqa: PLC0415
+
+    path, _ = config_path(args.path)
+    if path is None or not path.exists():
+        raise LocalError(f"no config at {path}", "give its path: `meshvpn config check PATH`")
+    _, problems = check(read_text(path), str(path))
+    if args.json:
+        _print_json(
+            {"file": str(path), "ok": not problems, "problems": [p.to_json() for p in problems]}
+        )
+    elif problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+    else:
+        print(f"{path}: ok")
+    return 3 if problems else 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from meshvpn.control import call  # noqa: PLC0415
+
+    answer = call(_state_dir(args), "reload")
+    answer.pop("ok", None)
+    if args.json:
+        _print_json(answer)
+        return 0
+    print(f"reloaded: {', '.join(answer['changed']) or 'nothing changed'}")
+    if answer["ended_sessions"]:
+        print(f"ended {answer['ended_sessions']} session(s) that no longer fit")
+    if answer["restart_needed"]:
+        print(f"needs a restart to change: {', '.join(answer['restart_needed'])}")
+    sharing = answer["sharing"]
+    print(f"sharing {'open' if sharing['open'] else 'stopped: ' + sharing['reason']}")
+    return 0
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from meshvpn.broker import BrokerConfig, default_state_dir, run_broker  # noqa: PLC0415
 
@@ -417,28 +563,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return nodes.demo(args)
 
 
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="the TOML config (default: $MESHVPN_CONFIG or /etc/meshvpn/meshvpn.toml if it"
+        " exists); flags given here win over it",
+    )
+
+
 def _add_state_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--state-dir",
-        default=os.environ.get("MESHVPN_STATE_DIR", str(DEFAULT_STATE_DIR)),
-        help="where the node's keys and runtime state live"
-        " (default: $MESHVPN_STATE_DIR or %(default)s)",
+        default=None,
+        help="where the node's keys and runtime state live (default: $MESHVPN_STATE_DIR,"
+        f" else the config's state_dir, else {DEFAULT_STATE_DIR})",
     )
+    _add_config(p)
 
 
 def _add_agent_flags(p: argparse.ArgumentParser) -> None:
     _add_state_dir(p)
     p.add_argument(
         "--interface",
-        default=DEFAULT_IFNAME,
-        help="WireGuard interface name (default: %(default)s)",
+        default=None,
+        help=f"WireGuard interface name (default: {DEFAULT_IFNAME})",
     )
     p.add_argument(
         "--wg-backend",
         choices=["auto", "kernel", "userspace"],
-        default=os.environ.get("MESHVPN_WG_BACKEND", "auto"),
+        default=None,
         help="kernel WireGuard, wireguard-go, or auto: kernel when the module exists"
-        " (default: %(default)s)",
+        " (default: $MESHVPN_WG_BACKEND or auto)",
     )
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
@@ -451,19 +607,20 @@ def _add_relay_parser(sub: Any) -> None:  # noqa: ANN401 - argparse's private ac
         " and NAT to the internet when exit is on. Stops cleanly on SIGTERM/SIGINT.",
     )
     _add_agent_flags(p)
-    p.add_argument(
-        "--listen-port", type=int, default=51820, help="WireGuard UDP port (default: %(default)s)"
-    )
+    p.add_argument("--listen-port", type=int, help="WireGuard UDP port (default: 51820)")
     p.add_argument(
         "--pool",
-        default="100.64.0.0/24",
-        help="tunnel addresses for clients, inside 100.64.0.0/10 (default: %(default)s)",
+        help="tunnel addresses for clients, inside 100.64.0.0/10 (default: 100.64.0.0/24)",
     )
     p.add_argument(
         "--no-exit",
         dest="exit",
-        action="store_false",
+        action="store_const",
+        const=False,
         help="do not forward clients to the internet",
+    )
+    p.add_argument(
+        "--exit", dest="exit", action="store_const", const=True, help="forward them (default)"
     )
     g = p.add_argument_group(
         "exit policy",
@@ -503,24 +660,52 @@ def _add_relay_parser(sub: Any) -> None:  # noqa: ANN401 - argparse's private ac
     g.add_argument(
         "--probe-port",
         type=int,
-        default=0,
         help="UDP port for RTT probes (default: listen port + 1)",
     )
-    g.add_argument("--geohash", default="", help="coarse location as a geohash, e.g. u33d")
-    g.add_argument(
-        "--price",
-        type=int,
-        default=1_000_000,
-        help="price per GiB in token units (default: %(default)s)",
-    )
-    g.add_argument(
-        "--capacity", type=int, default=100, help="most concurrent sessions (default: %(default)s)"
-    )
+    g.add_argument("--geohash", help="coarse location as a geohash, e.g. u33d")
     g.add_argument(
         "--announce-ttl",
         type=int,
-        default=60,
-        help="announcement lifetime in seconds, refreshed at a third of it (default: %(default)s)",
+        help="announcement lifetime in seconds, refreshed at a third of it (default: 60)",
+    )
+    g = p.add_argument_group(
+        "sharing (config [sharing]; reloaded on SIGHUP or `meshvpn reload`)",
+        "Outside the hours or past the monthly cap the relay takes no sessions, ends the"
+        " running ones and announces itself full.",
+    )
+    g.add_argument("--price", type=int, help="price per GiB in token units (default: 1000000)")
+    g.add_argument(
+        "--max-sessions",
+        "--capacity",
+        dest="capacity",
+        type=int,
+        help="most concurrent sessions; the next client is refused (default: 100)",
+    )
+    g.add_argument(
+        "--bandwidth-mbit",
+        type=float,
+        metavar="MBIT",
+        help="cap relayed traffic at this many Mbit/s each way (htb; default: no cap)",
+    )
+    g.add_argument(
+        "--monthly-cap-gib",
+        type=float,
+        metavar="GIB",
+        help="stop sharing for the rest of the month after relaying this much (default: none)",
+    )
+    g.add_argument(
+        "--hours",
+        action="append",
+        metavar="HH:MM-HH:MM",
+        help="share only within these hours (repeatable or comma-separated; needs --timezone)",
+    )
+    g.add_argument(
+        "--timezone", metavar="ZONE", help="IANA zone for --hours and months (default: UTC)"
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics here, e.g. 127.0.0.1:9810 (default: off)",
     )
     g = p.add_argument_group("mesh (with --broker)")
     g.add_argument(
@@ -566,13 +751,11 @@ def _add_connect_parser(sub: Any) -> None:  # noqa: ANN401
     g.add_argument("--broker", metavar="HOST:PORT", help="the MQTT broker relays announce on")
     g.add_argument(
         "--near",
-        default="",
         metavar="GEOHASH",
         help="your coarse location: relays nearby are probed first",
     )
     g.add_argument(
         "--exit-region",
-        default="",
         metavar="GEOHASH",
         help="only exits whose geohash starts with this",
     )
@@ -609,20 +792,20 @@ def _add_connect_parser(sub: Any) -> None:  # noqa: ANN401
     g.add_argument(
         "--lockdown",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="block all traffic outside the tunnel (default: on)",
     )
     g.add_argument(
         "--allow-lan",
-        action="store_true",
+        action="store_const",
+        const=True,
         help="with --lockdown, still let this host and its directly connected private"
         " subnets (home LAN) reach each other",
     )
     p.add_argument(
         "--timeout",
         type=float,
-        default=10.0,
-        help="seconds to wait for the relay (default: %(default)s)",
+        help="seconds to wait for the relay (default: 10)",
     )
     p.add_argument("--foreground", action="store_true", help="stay in the foreground (for systemd)")
     p.set_defaults(func=cmd_connect)
@@ -690,6 +873,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="persistence and config (default: /var/lib/meshvpn/broker)",
     )
     p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser(
+        "config", help="the TOML configuration", description="Check the configuration file."
+    )
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="CONFIG_COMMAND")
+    p = config_sub.add_parser(
+        "check",
+        help="validate a config file: every problem with its file, line and what was expected"
+        " (exit 3 if any)",
+    )
+    p.add_argument(
+        "path",
+        nargs="?",
+        metavar="PATH",
+        help="the file (default: $MESHVPN_CONFIG or /etc/meshvpn/meshvpn.toml)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config_check)
+
+    p = sub.add_parser(
+        "reload",
+        help="make the running relay re-read its config (as SIGHUP does) and say what changed",
+        description="New settings apply at once: a new price to new sessions only; sessions"
+        " that still fit the new limits are kept. A config with a problem changes nothing.",
+    )
+    _add_state_dir(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("status", help="show what the agent is doing (exit 1 if none runs)")
     _add_state_dir(p)

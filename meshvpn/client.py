@@ -353,7 +353,7 @@ class ClientAgent(Agent):
         if not candidates:
             raise RemoteError(
                 f"no usable relay: the broker listed {len(self.directory.entries)} relay(s),"
-                f" none of them a {what} with room that fits the filters you gave",
+                f" none of them a {what} that fits the filters you gave",
                 "try again later or relax the filters",
             )
         if probe:

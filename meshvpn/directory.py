@@ -10,7 +10,8 @@ retained announcement (a relay's last will, or its clean exit).
 Choosing: candidates are filtered by the user's constraints, ordered by how
 much of their geohash they share with ours (coarse location first), the best
 few are probed, and the lowest RTT wins. RTTs within ``TIE_MS`` of each other
-count as equal, and then price, then load, decide.
+count as equal, and then price, then load, decide. Relays announcing themselves
+full (load >= capacity) are kept, last: their refusal says why.
 """
 
 from __future__ import annotations
@@ -108,7 +109,11 @@ class Directory:
         need_exit: bool = True,
         exclude: frozenset[str] = frozenset(),
     ) -> list[Entry]:
-        """Usable relays, nearest by location first (ties: cheaper, less loaded, id)."""
+        """Usable relays, nearest by location first (ties: cheaper, less loaded, id).
+
+        Relays that announce themselves full (load >= capacity; capacity 0 while the
+        owner's controls stop sharing) come last: an announcement can be stale, and
+        when only full ones are left, asking gets the client the relay's reason."""
         usable = [
             e
             for e in self.entries.values()
@@ -117,11 +122,11 @@ class Directory:
             and (not need_exit or e.announcement.is_exit)
             and e.announcement.geohash.startswith(exit_region)
             and (max_price is None or e.announcement.price_per_gib <= max_price)
-            and e.announcement.load < e.announcement.capacity
         ]
         return sorted(
             usable,
             key=lambda e: (
+                is_full(e.announcement),
                 -_common_prefix(near, e.announcement.geohash),
                 e.announcement.price_per_gib,
                 _load_ratio(e.announcement),
@@ -139,6 +144,10 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
+def is_full(ann: Announcement) -> bool:
+    return ann.load >= ann.capacity
+
+
 def _load_ratio(ann: Announcement) -> float:
     return ann.load / ann.capacity if ann.capacity else 1.0
 
@@ -149,6 +158,7 @@ def choose(candidates: list[Entry], rtt_ms: dict[str, float]) -> list[Entry]:
     return sorted(
         answered,
         key=lambda e: (
+            is_full(e.announcement),
             int(rtt_ms[e.node_id] // TIE_MS),
             e.announcement.price_per_gib,
             _load_ratio(e.announcement),

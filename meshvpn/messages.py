@@ -278,7 +278,7 @@ class Announcement(Message):
     roles: int
     geohash: str
     price_per_gib: int
-    capacity: int
+    capacity: int  # sessions it takes now; 0 while its owner's controls stop sharing ("full")
     load: int
     version: str
     issued_ms: int

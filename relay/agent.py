@@ -12,6 +12,12 @@ On top of the shared agent (lock, footprint, device, control socket) a relay:
   answers Noise-sealed session requests. All of that is decided by the pure
   cores (``meshvpn.messages``, ``meshvpn.handshake``, ``meshvpn.probe``,
   ``relay.sessions``); this file only moves bytes and applies decisions.
+
+The owner's controls (price, exit, max sessions, bandwidth and monthly caps,
+sharing hours; reloaded on SIGHUP or ``meshvpn reload``) are decided in
+``relay.operator`` and carried out by ``relay.controls``; this file only
+consults them (``self.controls``) and offers them ``end_sessions``,
+``announce_now`` and ``apply_exit``.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from meshvpn.mqtt import BrokerAddress, ControlLink, WillMessage
 from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeResponder
 from meshvpn.wireguard.model import Endpoint, PeerSpec
+from relay.controls import Loader, OperatorControls
 from relay.exit import (
     DEFAULT_EXIT_POLICY,
     ExitPolicy,
@@ -61,6 +68,7 @@ from relay.exit import (
 from relay.exit import TABLE as EXIT_TABLE
 from relay.mesh import MESH_RANGE, Mesh, MeshOptions
 from relay.metering import ReceiptDesk
+from relay.operator import OperatorSettings
 from relay.pool import AddressPool
 from relay.sessions import Session, SessionBook
 
@@ -83,6 +91,11 @@ class RelayOptions(CommonOptions):
     capacity: int = 100
     announce_ttl_s: int = 60
     exit_policy: ExitPolicy = DEFAULT_EXIT_POLICY  # what clients may reach: relay/exit.py
+    # The owner's controls (relay/operator.py); when set, they win over the four above.
+    operator: OperatorSettings | None = None
+    reload: Loader | None = None  # re-reads the config for SIGHUP / `meshvpn reload`
+    fixed: tuple[tuple[str, Any], ...] = ()  # settings only a restart changes, as loaded
+    metrics: tuple[str, int] | None = None  # serve Prometheus metrics here
     mesh: MeshOptions | None = None  # links to other relays: relay/mesh.py
 
     @property
@@ -118,12 +131,21 @@ class RelayAgent(Agent):
         if opts.mesh is not None and opts.broker is None:
             raise LocalError("the mesh needs a broker", "give --broker, or leave out --mesh")
         self.pool = AddressPool(opts.pool)
+        settings = opts.operator or OperatorSettings(
+            price_per_gib=opts.price_per_gib,
+            exit=opts.exit,
+            max_sessions=opts.capacity,
+            exit_policy=opts.exit_policy,
+        )
+        self.controls = OperatorControls(
+            settings, opts.state_dir, opts.ifname, opts.reload, dict(opts.fixed)
+        )
         self.book = SessionBook(
             pool=self.pool,
             node_id=self.identity.node_id,
             relay_wireguard_key=self.identity.wireguard_public,
-            price_per_gib=opts.price_per_gib,
-            capacity=opts.capacity,
+            price_per_gib=settings.price_per_gib,
+            capacity=settings.max_sessions,
         )
         self.manual: set[PublicKey] = set()
         self.leases_path = opts.state_dir / "leases.json"
@@ -140,6 +162,7 @@ class RelayAgent(Agent):
         self.mesh: Mesh | None = None
         self.control.handlers["admit"] = self._op_admit
         self.control.handlers["release"] = self._op_release
+        self.control.handlers["reload"] = self._op_reload
 
     # ---- persistence: leases survive a restart, so clients keep their tunnels
 
@@ -213,18 +236,6 @@ class RelayAgent(Agent):
         async with Netlink() as nl:
             await nl.address_add(opts.ifname, gateway)
             await nl.link_up(opts.ifname, TUNNEL_MTU)
-        if opts.exit:
-            self.footprint.will_set_sysctl("net.ipv4.ip_forward")
-            write_sysctl("net.ipv4.ip_forward", "1")
-        # The table goes in with exit off too: a home router forwards already, and
-        # clients must reach neither its LAN nor the internet through it then.
-        host = await discover_host_networks(opts.ifname)
-        log.info(
-            "exit %s: clients may not reach this router (%s) nor its LAN (%s)",
-            "on" if opts.exit else "off",
-            ", ".join(map(str, host.router_addresses)) or "no addresses",
-            ", ".join(map(str, host.lan_networks)) or "none found",
-        )
         if opts.mesh is not None:
             self.mesh = Mesh(
                 self.identity,
@@ -236,16 +247,38 @@ class RelayAgent(Agent):
                 access_ifname=opts.ifname,
                 on_sources_changed=self._mesh_sources_changed,
             )
+        await self.apply_exit()
+        if self.mesh is not None:
+            await self.mesh.build()
+        await self.controls.apply_shaping(self.footprint)
+        await self._apply_peers()
+        await self.controls.check(self)  # the first announcement already tells the truth
+
+    async def apply_exit(self) -> None:
+        """The exit table, from the current settings (replaced atomically on reload)."""
+        opts, settings = self.opts, self.controls.settings
+        if settings.exit:
+            self.footprint.will_set_sysctl("net.ipv4.ip_forward")
+            write_sysctl("net.ipv4.ip_forward", "1")
+        # The table goes in with exit off too: a home router forwards already, and
+        # clients must reach neither its LAN nor the internet through it then.
+        host = await discover_host_networks(opts.ifname)
+        log.info(
+            "exit %s: clients may not reach this router (%s) nor its LAN (%s)",
+            "on" if settings.exit else "off",
+            ", ".join(map(str, host.router_addresses)) or "no addresses",
+            ", ".join(map(str, host.lan_networks)) or "none found",
+        )
         self.footprint.will_create_nft_table(EXIT_TABLE)
         nft_apply(
             exit_ruleset(
                 opts.ifname,
                 opts.pool,
-                opts.exit_policy,
+                settings.exit_policy,
                 lan_networks=host.lan_networks,
                 router_addresses=host.router_addresses,
                 client_services=(("udp", CHANNEL_PORT),),  # receipts come back here
-                forward=opts.exit,
+                forward=settings.exit,
                 mesh=None
                 if self.mesh is None
                 else MeshRules(
@@ -253,13 +286,10 @@ class RelayAgent(Agent):
                     address=self.mesh.address,
                     client_prefix=self.mesh.prefix,
                     mesh_range=MESH_RANGE,
-                    sources=frozenset({self.mesh.prefix}),
+                    sources=self.mesh.sources,  # a reload keeps what routing knows
                 ),
             )
         )
-        if self.mesh is not None:
-            await self.mesh.build()
-        await self._apply_peers()
 
     async def _mesh_sources_changed(self, sources: frozenset[ipaddress.IPv6Network]) -> None:
         await asyncio.to_thread(nft_apply, mesh_sources_update(sources))
@@ -267,6 +297,7 @@ class RelayAgent(Agent):
     def background(self) -> list[Coroutine[Any, Any, None]]:
         assert self.device is not None  # noqa: S101 - built before background()
         jobs = [
+            self.controls.watch(self),
             self._expire_sessions(),
             self.desk.meter(self.device, self._cut_off),
             self.desk.serve_channel(self.pool.gateway),
@@ -287,7 +318,27 @@ class RelayAgent(Agent):
             if self.mesh is not None:
                 jobs.append(self.mesh.run(self.link))
         jobs.append(self.desk.deliver(self.link))
+        if self.opts.metrics is not None:
+            from relay.metrics import serve_metrics  # noqa: PLC0415 - only when asked for
+
+            jobs.append(serve_metrics(self, *self.opts.metrics))
         return jobs
+
+    def on_reload_signal(self) -> None:
+        self.controls.reload_requested.set()
+
+    async def end_sessions(self, keys: list[PublicKey], reason: str) -> None:
+        """The owner's controls end these sessions (hours over, cap reached, too many)."""
+        for key in keys:
+            session = self.book.end(key)
+            self.desk.stop(key)
+            if session is not None:
+                log.info("session of client %s… ended: %s", session.client_identity.b64[:8], reason)
+        await self._apply_peers()
+        await self._announce()
+
+    async def announce_now(self) -> None:
+        await self._announce()
 
     async def _cut_off(self, key: PublicKey, reason: str, abusive: bool) -> None:
         """End a session that stopped paying; keep an abusive client out for a while.
@@ -317,11 +368,11 @@ class RelayAgent(Agent):
             probe_port=opts.probe,
             mesh_address=self.identity.mesh_address.packed,
             roles=ROLE_ENTRY
-            | (ROLE_EXIT if opts.exit else 0)
+            | (ROLE_EXIT if self.controls.settings.exit else 0)
             | (ROLE_MESH if opts.mesh is not None else 0),
             geohash=opts.geohash,
-            price_per_gib=opts.price_per_gib,
-            capacity=opts.capacity,
+            price_per_gib=self.book.price_per_gib,
+            capacity=self.controls.capacity,  # 0 while sharing is stopped: "full"
             load=self.book.load,
             version=__version__,
             issued_ms=issued,
@@ -469,6 +520,9 @@ class RelayAgent(Agent):
         await self._apply_peers()
         return {}
 
+    async def _op_reload(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return await self.controls.reload(self)
+
     async def status(self) -> dict[str, Any]:
         base = await super().status()
         peers = []
@@ -486,13 +540,14 @@ class RelayAgent(Agent):
                         "rx_bytes": peer.rx_bytes,
                         "tx_bytes": peer.tx_bytes,
                         "last_handshake": peer.last_handshake,
+                        "price_per_gib": session.price_per_gib if session else None,
                         "receipts": self.desk.session_status(key),
                     }
                 )
         return {
             **base,
             "listen_port": self.opts.listen_port,
-            "exit": self.opts.exit,
+            "exit": self.controls.settings.exit,
             "pool": str(self.opts.pool),
             "broker": {
                 "address": str(self.opts.broker) if self.opts.broker else None,
@@ -503,6 +558,7 @@ class RelayAgent(Agent):
             "probes": {"answered": self.probes.answered, "dropped": dict(self.probes.dropped)},
             "counters": dict(self.counters),
             "receipts": self.desk.summary(),
+            "sharing": self.controls.status(),
             "peers": peers,
             "mesh": self.mesh.status() if self.mesh is not None else None,
         }
@@ -515,3 +571,4 @@ class RelayAgent(Agent):
             await self.mesh.close()
         await super().teardown()
         self.desk.close()
+        self.controls.save_usage()

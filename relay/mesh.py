@@ -208,6 +208,11 @@ class Mesh:
         self.events: list[str] = []  # one line per link event, newest last (status)
         self._lost: list[_Link] = []  # links the router found silent, to remove
 
+    @property
+    def sources(self) -> frozenset[ipaddress.IPv6Network]:
+        """What mesh links may carry now (the nft set's contents)."""
+        return self._sources or frozenset({self.prefix})
+
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
 

@@ -9,7 +9,9 @@ A verified ``SessionRequest`` (see meshvpn.handshake) is ``decide``-d:
 2. more than ``RATE_BURST`` requests from one client identity inside the
    refill window are refused "rate-limited";
 3. an exit other than this relay is refused "policy" (multi-hop comes with
-   the mesh), a price above the client's maximum "price", a full relay "full";
+   the mesh), a price above the client's maximum "price", a full relay "full"
+   with the reason (``relay.operator.admission``: the owner's max sessions,
+   or ``gate`` closed by the monthly cap or the sharing hours);
 4. otherwise the client's WireGuard key gets a lease from the pool and a
    session with an expiry. The same key asking again renews its session and
    keeps its address.
@@ -37,6 +39,7 @@ from meshvpn.messages import (
     SessionGrant,
     SessionRequest,
 )
+from relay.operator import Gate, admission
 from relay.pool import AddressPool, PoolExhaustedError
 
 SESSION_TTL_MS: Final = 10 * 60_000
@@ -73,7 +76,8 @@ class SessionBook:
     node_id: str
     relay_wireguard_key: PublicKey
     price_per_gib: int
-    capacity: int
+    capacity: int  # the owner's max_sessions
+    gate: Gate = field(default_factory=lambda: Gate(open=True))  # set by the operator controls
     sessions: dict[PublicKey, Session] = field(default_factory=dict)  # by WireGuard key
     _seen: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
     _rate: OrderedDict[PublicKey, tuple[float, int]] = field(default_factory=OrderedDict)
@@ -95,7 +99,7 @@ class SessionBook:
         grant = SessionGrant(
             request_nonce=request.nonce,
             status=status,
-            reason=reason,
+            reason=reason.encode()[:200].decode(errors="ignore"),  # the grant's limit
             session_id=bytes(16),
             tunnel_address=bytes(4),
             tunnel_prefix=0,
@@ -158,8 +162,9 @@ class SessionBook:
             return self._refused(
                 request, REFUSED_POLICY, "WireGuard key belongs to another client", now_ms
             )
-        if held is None and len(self.sessions) >= self.capacity:
-            return self._refused(request, REFUSED_FULL, "relay is full", now_ms)
+        full = admission(self.gate, len(self.sessions), self.capacity, renewal=held is not None)
+        if full is not None:
+            return self._refused(request, REFUSED_FULL, full, now_ms)
         try:
             address = self.pool.lease(request.wireguard_key)
         except PoolExhaustedError:

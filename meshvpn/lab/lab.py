@@ -170,9 +170,10 @@ def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Our environment plus ``extra``, with this meshvpn first on PYTHONPATH.
 
     So ``python -m meshvpn...`` inside a namespace runs the same code as we do,
-    installed or not.
+    installed or not. Lab agents read no config file unless given ``--config``:
+    the host's /etc/meshvpn/meshvpn.toml is not the lab's.
     """
-    env = {**os.environ, **(extra or {})}
+    env = {**os.environ, "MESHVPN_CONFIG": "", **(extra or {})}
     root = str(Path(meshvpn.__file__).resolve().parent.parent)
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = f"{root}{os.pathsep}{old}" if old else root

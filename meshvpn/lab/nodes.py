@@ -101,7 +101,12 @@ def relay_endpoint(lab: Lab, index: int) -> str:
 
 
 def start_relay(
-    lab: Lab, index: int, *extra: str, broker: bool = False, program: list[str] | None = None
+    lab: Lab,
+    index: int,
+    *extra: str,
+    broker: bool = False,
+    program: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Start a relay agent in relayN and wait until it answers (and has announced).
 
@@ -119,7 +124,7 @@ def start_relay(
     ]  # fmt: skip
     if broker:
         argv += ["--broker", broker_address(lab), "--endpoint", relay_endpoint(lab, index)]
-    pid = lab.spawn(node, argv, log=sd / "agent.log")
+    pid = lab.spawn(node, argv, log=sd / "agent.log", env=env)
     deadline = time.monotonic() + AGENT_START_TIMEOUT
     while time.monotonic() < deadline:
         status = node_status(lab, node)

@@ -141,11 +141,14 @@ def test_three_hops_entry_sees_only_ciphertext_exit_never_the_client(
         assert body[1000:1064] not in raw, "plaintext of the download at the entry relay"
         assert b"GET /bytes/400000" not in raw, "the client's request in clear at the entry"
         if pkt.haslayer("IPv6"):
-            assert ipaddress.ip_address(pkt["IPv6"].dst) in mesh_range or ipaddress.ip_address(
-                pkt["IPv6"].src
-            ) in mesh_range
-            assert pkt.haslayer("UDP") or pkt.haslayer("ICMPv6EchoRequest") or pkt.haslayer(
-                "ICMPv6EchoReply"
+            assert (
+                ipaddress.ip_address(pkt["IPv6"].dst) in mesh_range
+                or ipaddress.ip_address(pkt["IPv6"].src) in mesh_range
+            )
+            assert (
+                pkt.haslayer("UDP")
+                or pkt.haslayer("ICMPv6EchoRequest")
+                or pkt.haslayer("ICMPv6EchoReply")
             )
     # The exit saw the traffic, and never the client's own address.
     exit_packets = [*exit_wan, *exit_access, *exit_link_a, *exit_link_b]

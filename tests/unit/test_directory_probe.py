@@ -86,10 +86,12 @@ def test_candidates_filter_and_order() -> None:
         assert d.offer(topic_of(keys[name]), sign(ann, keys[name]), NOW) is None
     ids = {name: node_id_of(k.ed25519_public()) for name, k in keys.items()}
     got = [e.node_id for e in d.candidates(NOW, near="u33d")]
-    assert got == [ids["near"], ids["pricey"], ids["far"]]
+    # a full relay comes last, but still comes: its refusal tells the client why
+    assert got == [ids["near"], ids["pricey"], ids["far"], ids["full"]]
     assert [e.node_id for e in d.candidates(NOW, near="u33d", max_price=1000)] == [
         ids["near"],
         ids["far"],
+        ids["full"],
     ]
     assert [e.node_id for e in d.candidates(NOW, exit_region="9q")] == [ids["far"]]
 
