@@ -92,6 +92,7 @@ Neighbour states (one table)::
 
     state      event                                        next       actions
     (none)     link_up                                      WAITING    Hello + RetractAll
+    WAITING    Hello heard (at most once an interval)       WAITING    Hello + IHU at once
     WAITING    Hello heard, and an IHU echoing a Hello      REACHABLE  full dump to it
                sent since link_up, both within hold time
     REACHABLE  no Hello or no IHU for hold time             LOST       NeighbourLost, drop routes
@@ -460,6 +461,7 @@ class _Neighbour:
     last_ihu_ms: int | None = None
     srtt_ms: float | None = None
     cost: int = INFINITY  # from srtt, with hysteresis; used only while REACHABLE
+    replied_ms: int | None = None  # last Hello sent in answer to one, while not REACHABLE
 
 
 @dataclass
@@ -565,6 +567,13 @@ class Router:
                 nb.their_ts = tlv.timestamp
                 nb.their_interval_ms = tlv.interval_cs * 10
                 self._refresh(nb, now_ms)
+                if nb.state is not NeighbourState.REACHABLE and (
+                    nb.replied_ms is None or now_ms - nb.replied_ms >= self.params.hello_interval_ms
+                ):
+                    # Answer at once rather than at our next Hello: a new link is
+                    # usable one round trip after both ends are up.
+                    nb.replied_ms = now_ms
+                    self._hello_links.add(link)
             elif isinstance(tlv, Ihu):
                 self._on_ihu(nb, tlv, now_ms)
                 self._refresh(nb, now_ms)
