@@ -66,7 +66,9 @@ route changes (link, metric, seqno or origin). To the neighbour that is its
 next hop it advertises the route as retracted (poison reverse). Losing a route
 advertises a retraction (metric INFINITY), repeated in full dumps for one
 route-expiry time, so a lost packet cannot leave a stale route for long.
-Entries expire after 3.5 times the update interval they were announced with.
+Entries expire after 3.5 times the update interval they were announced with
+(checked every half update interval); sources no route uses any more are
+forgotten after ``source_gc_ms``.
 
 Wire format (one UDP datagram on the link, at most ``MAX_PACKET`` bytes, so it
 fits a 1280-byte IPv6 MTU with the IPv6 and UDP headers)::
@@ -276,16 +278,39 @@ def pack(body: Sequence[Tlv], first: Sequence[Tlv] = (), every: Sequence[Tlv] = 
     return [_HEADER.pack(MAGIC, VERSION, 0, len(p)) + p for p in packets]
 
 
+# Building ipaddress objects costs more than the rest of decoding: the few hundred
+# distinct prefixes and router ids of a mesh are made once and reused.
+_PREFIXES: dict[bytes, IPv6Network] = {}
+_ADDRESSES: dict[bytes, IPv6Address] = {}
+_CACHE_MAX: Final = 1 << 16
+
+
 def _decode_prefix(raw: bytes) -> IPv6Network:
+    cached = _PREFIXES.get(raw)
+    if cached is not None:
+        return cached
     plen = raw[0]
     if plen > 128:
         raise RoutingCodecError("prefix length")
     if len(raw) != 1 + (plen + 7) // 8:
         raise RoutingCodecError("prefix size")
     try:
-        return IPv6Network((raw[1:].ljust(16, b"\0"), plen))
+        prefix = IPv6Network((raw[1:].ljust(16, b"\0"), plen))
     except ValueError:
         raise RoutingCodecError("prefix host bits set") from None
+    if len(_PREFIXES) >= _CACHE_MAX:
+        _PREFIXES.clear()
+    _PREFIXES[raw] = prefix
+    return prefix
+
+
+def _decode_address(raw: bytes) -> IPv6Address:
+    cached = _ADDRESSES.get(raw)
+    if cached is None:
+        if len(_ADDRESSES) >= _CACHE_MAX:
+            _ADDRESSES.clear()
+        cached = _ADDRESSES[raw] = IPv6Address(raw)
+    return cached
 
 
 def decode_packet(data: bytes) -> tuple[Tlv, ...]:
@@ -338,14 +363,14 @@ def _decode_tlv(kind: int, body: bytes) -> Tlv | None:
             raise RoutingCodecError("update size")
         interval, seqno, metric, rid, _ = _UPDATE.unpack_from(body)
         prefix = _decode_prefix(body[fixed:])
-        return Update(prefix, IPv6Address(rid), seqno, metric, interval)
+        return Update(prefix, _decode_address(rid), seqno, metric, interval)
     if kind == T_SEQNO_REQUEST:
         fixed = _REQUEST.size - 1
         if len(body) < _REQUEST.size:
             raise RoutingCodecError("request size")
         seqno, hops, rid, _ = _REQUEST.unpack_from(body)
         prefix = _decode_prefix(body[fixed:])
-        return SeqnoRequest(prefix, IPv6Address(rid), seqno, hops)
+        return SeqnoRequest(prefix, _decode_address(rid), seqno, hops)
     if kind == T_RETRACT_ALL:
         if body:
             raise RoutingCodecError("retract-all size")
@@ -485,6 +510,7 @@ class _Pending:
     seqno: int
     resends_left: int
     next_ms: int
+    asked: set[str] = field(default_factory=set)  # since the last (re)send
 
 
 @dataclass
@@ -521,12 +547,13 @@ class Router:
         self._sources: dict[SourceKey, _Source] = {}
         self._retracted: dict[IPv6Network, _Retraction] = {}
         self._pending: dict[SourceKey, _Pending] = {}
-        self._forwarded: dict[tuple[IPv6Network, IPv6Address, int], int] = {}
+        self._forwarded: dict[tuple[IPv6Network, IPv6Address, int, str], int] = {}
         self._selecting_from_ms = now_ms + params.hold_time_ms
         self._holding = True
         self._next_hello_ms = now_ms
         self._next_update_ms = now_ms + params.update_interval_ms
-        self._next_housekeeping_ms = now_ms + params.hello_interval_ms
+        self._next_housekeeping_ms = now_ms + params.update_interval_ms // 2
+        self._next_source_gc_ms = now_ms + params.source_gc_ms // 4
         self._clear_outbox()
 
     # -- inputs ---------------------------------------------------------------------
@@ -604,7 +631,7 @@ class Router:
             self._next_hello_ms = now_ms + p.hello_interval_ms
             self._hello_links.update(self._neighbours)
         if now_ms >= self._next_housekeeping_ms:
-            self._next_housekeeping_ms = now_ms + p.hello_interval_ms
+            self._next_housekeeping_ms = now_ms + p.update_interval_ms // 2
             self._housekeeping(now_ms)
         if now_ms >= self._next_update_ms:
             self._next_update_ms = now_ms + p.update_interval_ms
@@ -742,6 +769,14 @@ class Router:
             entries = self._entries[prefix] = {}
         expires = now_ms + update.interval_cs * 10 * 7 // 2
         old = entries.get(link)
+        if (
+            old is not None
+            and not old.stale
+            and (old.router_id, old.seqno, old.metric)
+            == (update.router_id, update.seqno, update.metric)
+        ):
+            old.expires_ms = expires  # a periodic refresh: nothing to decide
+            return
         route = self._routes.get(prefix)
         feasible = self._feasible(prefix, update.router_id, update.seqno, update.metric)
         if (
@@ -798,7 +833,7 @@ class Router:
             self._want_requests(prefix, now_ms)
             return
         self._table_changed = True
-        self._dirty.add(prefix)
+        self._dirty[prefix] = None
         if new is None:
             del self._routes[prefix]
             if old is not None:
@@ -825,6 +860,9 @@ class Router:
         for fkey, until in list(self._forwarded.items()):
             if until <= now_ms:
                 del self._forwarded[fkey]
+        if now_ms < self._next_source_gc_ms:
+            return
+        self._next_source_gc_ms = now_ms + self.params.source_gc_ms // 4
         in_use = {(r.prefix, r.router_id) for r in self._routes.values()}
         in_use.update(
             (prefix, e.router_id)
@@ -864,13 +902,17 @@ class Router:
             want = (src.seqno + 1) % SEQNO_MOD
             key = (prefix, rid)
             pend = self._pending.get(key)
-            if pend is not None and not seqno_newer(want, pend.seqno):
-                continue
             p = self.params
-            self._pending[key] = _Pending(want, p.request_resends, now_ms + p.request_timeout_ms)
+            if pend is None or seqno_newer(want, pend.seqno):
+                pend = _Pending(want, p.request_resends, now_ms + p.request_timeout_ms)
+                self._pending[key] = pend
             for link in links:
-                self._requests[link].append(SeqnoRequest(prefix, rid, want, p.request_hops))
-                self.counters["requests_sent"] += 1
+                if link not in pend.asked:  # a neighbour that offers the route only now
+                    pend.asked.add(link)
+                    self._requests[link].append(
+                        SeqnoRequest(prefix, rid, pend.seqno, p.request_hops)
+                    )
+                    self.counters["requests_sent"] += 1
 
     def _resend(self, key: SourceKey, pend: _Pending, now_ms: int) -> None:
         prefix, rid = key
@@ -885,6 +927,7 @@ class Router:
             return
         pend.resends_left -= 1
         pend.next_ms = now_ms + self.params.request_timeout_ms
+        pend.asked = set(links)
         for link in links:
             self._requests[link].append(
                 SeqnoRequest(prefix, rid, pend.seqno, self.params.request_hops)
@@ -899,22 +942,24 @@ class Router:
             elif seqno_newer(req.seqno, self.seqno):
                 self.seqno = req.seqno
                 self.counters["seqno_bumps"] += 1
-                self._dirty.update(self.prefixes)
+                self._dirty.update(dict.fromkeys(self.prefixes))
             else:
-                self._unicast[link].add(prefix)
+                self._unicast[link][prefix] = None
             return
         route = self._routes.get(prefix)
         if route is None or route.router_id != req.router_id:
             self.counters["requests_dropped"] += 1
         elif not seqno_newer(req.seqno, route.seqno):
             self.counters["requests_answered"] += 1
-            self._unicast[link].add(prefix)
+            self._unicast[link][prefix] = None
         elif req.hop_count <= 1 or route.link == link:
             self.counters["requests_dropped"] += 1
-        elif self._forwarded.get((prefix, req.router_id, req.seqno), 0) > now_ms:
+        elif self._forwarded.get((prefix, req.router_id, req.seqno, route.link), 0) > now_ms:
             self.counters["requests_duplicate"] += 1
         else:
-            self._forwarded[(prefix, req.router_id, req.seqno)] = (
+            # Suppress duplicates per next hop only: if our route moved (say, away from a
+            # relay that just died), the request must go out again along the new one.
+            self._forwarded[(prefix, req.router_id, req.seqno, route.link)] = (
                 now_ms + self.params.request_timeout_ms
             )
             self.counters["requests_forwarded"] += 1
@@ -927,8 +972,11 @@ class Router:
     def _clear_outbox(self) -> None:
         self._hello_links: set[str] = set()
         self._dump_links: set[str] = set()
-        self._dirty: set[IPv6Network] = set()
-        self._unicast: collections.defaultdict[str, set[IPv6Network]] = collections.defaultdict(set)
+        # dicts as ordered sets: the same inputs give the same packets
+        self._dirty: dict[IPv6Network, None] = {}
+        self._unicast: collections.defaultdict[str, dict[IPv6Network, None]] = (
+            collections.defaultdict(dict)
+        )
         self._requests: collections.defaultdict[str, list[SeqnoRequest]] = collections.defaultdict(
             list
         )
@@ -961,15 +1009,16 @@ class Router:
         actions: list[Action] = []
         everything: list[IPv6Network] = []
         if self._dump_links:
-            everything = [*self.prefixes, *sorted(set(self._routes) | set(self._retracted))]
-        dirty = sorted(self._dirty)
+            everything = [*self.prefixes, *self._routes, *self._retracted]
+        dirty = list(self._dirty)
         for link, nb in self._neighbours.items():
             body: list[Tlv] = []
             if nb.state is NeighbourState.REACHABLE:
                 if link in self._dump_links:
                     prefixes: Iterable[IPv6Network] = everything
                 else:
-                    prefixes = [*dirty, *sorted(self._unicast.get(link, set()) - self._dirty)]
+                    unicast = self._unicast.get(link, {})
+                    prefixes = [*dirty, *(q for q in unicast if q not in self._dirty)]
                 for prefix in prefixes:
                     update = self._update_for(prefix, link, now_ms)
                     if update is not None:

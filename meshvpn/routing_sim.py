@@ -23,11 +23,13 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshvpn.routing import (
     INFINITY,
+    Action,
     NeighbourLost,
     NeighbourState,
     Router,
@@ -45,6 +47,11 @@ def node_address(i: int) -> ipaddress.IPv6Address:
 
 def node_prefix(i: int) -> ipaddress.IPv6Network:
     return ipaddress.IPv6Network(f"{node_address(i)}/64", strict=False)
+
+
+def owner_of(prefix: ipaddress.IPv6Network) -> int:
+    """The node number whose prefix this is (the inverse of ``node_prefix``)."""
+    return int(prefix.network_address) >> 64 & 0xFFFF_FFFF
 
 
 def link_name(j: int) -> str:
@@ -86,6 +93,10 @@ class Simulation:
         self.changes = 0  # RoutesChanged seen
         self.last_change_ms = START_MS
         self.delivered = 0
+        # then router_cpu_ns sums the time inside Router calls (a wall clock: a CPU
+        # clock costs a system call, more than many a Router call)
+        self.measure_cpu = False
+        self.router_cpu_ns = 0
         self.dropped = 0
         self.dead: set[int] = set()
         self._queue: list[_Event] = []
@@ -99,13 +110,27 @@ class Simulation:
     def add_node(self, i: int) -> None:
         self.routers[i] = Router(node_address(i), [node_prefix(i)], self.now_ms, self.params)
         self.dead.discard(i)
+        self._forget_timer(i)
         self._after(i, [])
 
     def connect(self, i: int, j: int, delay_ms: int) -> None:
         self.links[frozenset((i, j))] = SimLink(i, j, delay_ms)
         for a, b in ((i, j), (j, i)):
             if a in self.routers:
-                self._call(a, lambda r, b=b: r.link_up(link_name(b), node_address(b), self.now_ms))
+                self._link_up(a, b)
+
+    def _deliver(self, ev: _Event) -> None:
+        self._call(ev.node, lambda r: r.receive(ev.link, ev.data, self.now_ms))
+
+    def _link_up(self, a: int, b: int) -> None:
+        self._call(a, lambda r: r.link_up(link_name(b), node_address(b), self.now_ms))
+
+    def _link_down(self, a: int, b: int) -> None:
+        self._call(a, lambda r: r.link_down(link_name(b), self.now_ms))
+
+    def _forget_timer(self, i: int) -> None:
+        self._timer_token[i] = self._timer_token.get(i, 0) + 1
+        self._timer_at.pop(i, None)
 
     def cut(self, i: int, j: int, cut: bool = True) -> None:
         self.links[frozenset((i, j))].cut = cut
@@ -121,17 +146,14 @@ class Simulation:
         for a, b in ((i, j), (j, i)):
             if a in self.routers:
                 if down:
-                    self._call(a, lambda r, b=b: r.link_down(link_name(b), self.now_ms))
+                    self._link_down(a, b)
                 else:
-                    self._call(
-                        a,
-                        lambda r, b=b: r.link_up(link_name(b), node_address(b), self.now_ms),
-                    )
+                    self._link_up(a, b)
 
     def kill(self, i: int) -> None:
         del self.routers[i]
         self.dead.add(i)
-        self._timer_token[i] = self._timer_token.get(i, 0) + 1
+        self._forget_timer(i)
         self._changed = True
         self.last_change_ms = self.now_ms
 
@@ -142,7 +164,7 @@ class Simulation:
         for key, link in self.links.items():
             if i in key and not link.down:
                 (j,) = key - {i}
-                self._call(i, lambda r, j=j: r.link_up(link_name(j), node_address(j), self.now_ms))
+                self._link_up(i, j)
         self._changed = True
         self.last_change_ms = self.now_ms
 
@@ -161,7 +183,7 @@ class Simulation:
                 self._call(ev.node, lambda r: r.tick(self.now_ms))
             else:
                 self.delivered += 1
-                self._call(ev.node, lambda r, ev=ev: r.receive(ev.link, ev.data, self.now_ms))
+                self._deliver(ev)
             if self._changed:
                 self._changed = False
                 for fn in self.on_change:
@@ -184,11 +206,17 @@ class Simulation:
                 return True
         return False
 
-    def _call(self, i: int, fn: Callable[[Router], list[object]]) -> None:
+    def _call(self, i: int, fn: Callable[[Router], list[Action]]) -> None:
         router = self.routers[i]
-        self._after(i, fn(router))
+        if not self.measure_cpu:
+            self._after(i, fn(router))
+            return
+        started = time.perf_counter_ns()
+        actions = fn(router)
+        self.router_cpu_ns += time.perf_counter_ns() - started
+        self._after(i, actions)
 
-    def _after(self, i: int, actions: list[object]) -> None:
+    def _after(self, i: int, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
                 self._send(i, action)
@@ -230,14 +258,14 @@ class Simulation:
             and j in self.routers
         )
 
-    def next_hops(self, prefix_owner: int) -> dict[int, int]:
-        """node -> next node, for every live node with a route to ``prefix_owner``'s prefix."""
-        prefix = node_prefix(prefix_owner)
-        out = {}
+    def forwarding(self) -> dict[int, dict[int, int]]:
+        """node -> {prefix owner -> next node}: every live node's table, as node numbers."""
+        out: dict[int, dict[int, int]] = {}
         for i, router in self.routers.items():
-            route = router.table().get(prefix)
-            if route is not None:
-                out[i] = int(route.link.removeprefix("mv"))
+            out[i] = {
+                owner_of(prefix): int(route.link.removeprefix("mv"))
+                for prefix, route in router.table().items()
+            }
         return out
 
     def costs(self) -> dict[int, dict[int, int]]:
@@ -251,13 +279,27 @@ class Simulation:
         return graph
 
 
+def delivers(
+    sim: Simulation, src: int, dst: int, forwarding: dict[int, dict[int, int]] | None = None
+) -> bool:
+    """Would a packet from ``src`` to ``dst`` arrive, following next hops over working links?"""
+    fwd = forwarding if forwarding is not None else sim.forwarding()
+    node, steps = src, 0
+    while node != dst:
+        nxt = fwd.get(node, {}).get(dst)
+        if nxt is None or steps > len(fwd) or not sim.working(node, nxt):
+            return False
+        node, steps = nxt, steps + 1
+    return True
+
+
 def find_loop(sim: Simulation) -> tuple[int, list[int]] | None:
     """A forwarding loop: (prefix owner, cycle), or None. Follows next hops even over
     broken links, to live nodes only: a packet must end at the owner or a node without
     a route."""
-    owners = set(sim.routers) | sim.dead
-    for owner in owners:
-        hops = sim.next_hops(owner)
+    fwd = sim.forwarding()
+    for owner in sorted(set(sim.routers) | sim.dead):
+        hops = {i: table[owner] for i, table in fwd.items() if owner in table}
         done: set[int] = set()
         for start in hops:
             path: list[int] = []
@@ -300,14 +342,16 @@ def routing_errors(sim: Simulation) -> list[str]:
     cost whose metric is that cost, and must have no route to a prefix it cannot
     reach (a killed node's, or one across a partition)."""
     graph = sim.costs()
+    tables = {i: router.table() for i, router in sim.routers.items()}
+    fwd = sim.forwarding()
     errors = []
     for owner in sorted(set(sim.routers) | sim.dead):
         dist = dijkstra(graph, owner) if owner in sim.routers else {}
         prefix = node_prefix(owner)
-        for i, router in sorted(sim.routers.items()):
+        for i in sorted(sim.routers):
             if i == owner:
                 continue
-            route = router.table().get(prefix)
+            route = tables[i].get(prefix)
             if i not in dist:
                 if route is not None:
                     errors.append(f"{i} routes to unreachable {owner} via {route.link}")
@@ -318,11 +362,10 @@ def routing_errors(sim: Simulation) -> list[str]:
             if route.metric != dist[i]:
                 errors.append(f"{i} -> {owner}: metric {route.metric}, shortest {dist[i]}")
             node, total, steps = i, 0, 0
-            while node != owner and node in sim.routers and steps <= len(graph):
-                r = sim.routers[node].table().get(prefix)
-                if r is None:
+            while node != owner and steps <= len(graph):
+                nxt = fwd.get(node, {}).get(owner)
+                if nxt is None:
                     break
-                nxt = int(r.link.removeprefix("mv"))
                 total += graph[node].get(nxt, INFINITY)
                 node, steps = nxt, steps + 1
             if node != owner or total != dist[i]:

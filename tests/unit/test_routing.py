@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import os
 import struct
 
 import pytest
@@ -388,7 +389,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, object]:
 
 @given(scenarios())
 @settings(
-    max_examples=40,
+    max_examples=int(os.environ.get("MESHVPN_ROUTING_EXAMPLES", "40")),  # more for a soak
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
