@@ -93,6 +93,7 @@ class Simulation:
         self.changes = 0  # RoutesChanged seen
         self.last_change_ms = START_MS
         self.delivered = 0
+        self.bytes_sent = 0
         # then router_cpu_ns sums the time inside Router calls (a wall clock: a CPU
         # clock costs a system call, more than many a Router call)
         self.measure_cpu = False
@@ -234,6 +235,7 @@ class Simulation:
             self._push(_Event(max(at, self.now_ms), 0, i, "", token=token))
 
     def _send(self, i: int, send: Send) -> None:
+        self.bytes_sent += len(send.data)
         j = int(send.link.removeprefix("mv"))
         link = self.links.get(frozenset((i, j)))
         if link is None or link.cut or link.down or j in self.dead or self.rng.random() < self.loss:
