@@ -289,6 +289,73 @@ def test_restarted_neighbour_retracts_everything_it_said() -> None:
     assert a.table() == {}
 
 
+def befriend(r: Router, link: str, who: ipaddress.IPv6Address, t: int, rtt: int) -> int:
+    """Make ``who`` a REACHABLE neighbour of ``r`` with the given RTT, by hand."""
+    r.link_up(link, who, t)
+    t += rtt
+    r.receive(link, encode_packet([Hello(50, t & 0xFFFFFFFF), Ihu((t - rtt) & 0xFFFFFFFF, 0)]), t)
+    assert r.neighbours()[link].state is NeighbourState.REACHABLE
+    return t
+
+
+def test_cost_follows_smoothed_rtt_with_hysteresis() -> None:
+    a = Router(A, [node_prefix(1)], START_MS)
+    t = befriend(a, "ab", B, START_MS, 20)
+    assert a.neighbours()["ab"].cost == 30
+
+    def sample(rtt: int) -> None:
+        nonlocal t
+        t += 100
+        a.receive(
+            "ab", encode_packet([Hello(50, t & 0xFFFFFFFF), Ihu((t - rtt) & 0xFFFFFFFF, 0)]), t
+        )
+
+    for rtt in [24, 17, 23, 18] * 5:  # jitter: the smoothed RTT moves, the cost does not
+        sample(rtt)
+    assert a.neighbours()["ab"].rtt_ms != 20
+    assert a.neighbours()["ab"].cost == 30
+    assert a.counters["cost_changes"] == 0
+    for _ in range(30):  # the path really got slower
+        sample(80)
+    assert a.neighbours()["ab"].cost > 80
+    assert a.counters["cost_changes"] >= 1
+    sample(-5 % (1 << 32))  # an echo from the future: ignored
+    assert a.counters["ihu_stale"] == 1
+
+
+def test_feasibility_keeps_the_old_route_and_asks_for_a_new_seqno() -> None:
+    """RFC 8966 3.5.4 and 3.8: an unfeasible update for the selected route is not
+    applied; starvation and better-but-unfeasible routes make a seqno request."""
+    prefix, rid = ipaddress.IPv6Network("fd00:77::/64"), ipaddress.IPv6Address("fd00:77::1")
+    c_addr = node_address(3)
+    a = Router(A, [node_prefix(1)], START_MS)
+    befriend(a, "ab", B, START_MS, 10)  # cost 20
+    t = befriend(a, "ac", c_addr, START_MS, 30)  # cost 40
+    t = max(t, START_MS + a.params.hold_time_ms)
+    a.tick(t)
+
+    def hear(link: str, seqno: int, metric: int) -> list[tuple[Tlv, ...]]:
+        out = a.receive(link, encode_packet([Update(prefix, rid, seqno, metric, 400)]), t)
+        return sends(out, "ab") + sends(out, "ac")
+
+    out = hear("ab", 5, 100)
+    assert a.table()[prefix].metric == 120  # advertised to c: FD = (5, 120)
+    assert Update(prefix, rid, 5, 120, 400) in [u for p in out for u in p]
+    out = hear("ab", 5, 300)  # worse, same seqno: unfeasible, kept
+    assert a.table()[prefix].metric == 120
+    assert a.counters["unfeasible_kept"] == 1
+    assert SeqnoRequest(prefix, rid, 6, 64) in [u for p in out for u in p]
+    hear("ab", 5, INFINITY)  # b retracts; c offers 5/150, unfeasible (150 >= 120)
+    out = a.receive("ac", encode_packet([Update(prefix, rid, 5, 150, 400)]), t)
+    assert prefix not in a.table()  # starving: nothing feasible
+    assert a.counters["unfeasible"] >= 1
+    assert SeqnoRequest(prefix, rid, 6, 64) in [u for p in sends(out, "ac") for u in p]
+    # c's newer seqno is feasible whatever its metric
+    hear("ac", 6, 150)
+    assert a.table()[prefix].link == "ac"
+    assert a.table()[prefix].metric == 190
+
+
 # ---- meshes in virtual time ---------------------------------------------------------------
 
 
