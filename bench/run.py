@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHES = ["connect", "receipts"]
+BENCHES = ["connect", "receipts", "routing"]
 
 
 def run(name: str, quick: bool, out_dir: Path) -> dict[str, object]:

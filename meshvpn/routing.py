@@ -918,12 +918,12 @@ class Router:
         prefix, rid = key
         src = self._sources.get(key)
         links = self._request_targets(prefix).get(rid, [])
-        if (
-            pend.resends_left <= 0
-            or not links
-            or (src is not None and not seqno_newer(pend.seqno, src.seqno))
-        ):
-            del self._pending[key]
+        if not links or pend.resends_left <= 0:
+            del self._pending[key]  # no longer wanted, or given up until the next update round
+            return
+        if src is not None and not seqno_newer(pend.seqno, src.seqno):
+            del self._pending[key]  # we advertise that seqno already, and still want better
+            self._want_requests(prefix, now_ms)
             return
         pend.resends_left -= 1
         pend.next_ms = now_ms + self.params.request_timeout_ms
