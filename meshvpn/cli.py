@@ -352,6 +352,8 @@ def _run_detached(opts: Any, timeout: float) -> int:  # noqa: ANN401 - ClientOpt
         print(answer.get("error", "error: the agent failed"), file=sys.stderr)
         return int(answer.get("exit_code", 1))
     relay = answer.get("relay", {}).get("endpoint")
+    if path := answer.get("path"):
+        relay = f"{relay} ({path['entry']}) to exit {path['exit']}"
     print(
         f"connected through {relay} as {answer.get('address')} on {answer.get('interface')}"
         f" (agent pid {pid}); `meshvpn status` for details, `meshvpn disconnect` to stop"
@@ -488,14 +490,35 @@ def _print_status(s: dict[str, Any]) -> None:
                 f"  {p['wireguard_key'][:8]}…  {p['address']:<15}  rx {_fmt_bytes(p['rx_bytes'])}"
                 f"  tx {_fmt_bytes(p['tx_bytes'])}  handshake {_fmt_handshake(p['last_handshake'])}"
             )
+        mesh = s.get("mesh")
+        if mesh:
+            print(
+                f"mesh {mesh['address']}: {len(mesh['links'])} link(s),"
+                f" {len(mesh['routes'])} route(s)"
+            )
+            for link in mesh["links"]:
+                rtt = f"{link['rtt_ms']} ms" if link.get("rtt_ms") is not None else "rtt ?"
+                print(f"  {link['interface']:<15} {link['node_id']}  {link['state']}  {rtt}")
+            for line in mesh["events"][-5:]:
+                print(f"  {line}")
     else:
         relay = s["relay"]
-        print(f"tunnel address {s['address']} via relay {relay['endpoint']}")
+        path = s.get("path")
+        if path:
+            print(
+                f"tunnel address {s['address']} via exit {path['exit']} ({path['exit_endpoint']})"
+            )
+            print(f"  entering at {path['entry']} ({relay['endpoint']})", end="")
+            print(f", standby {path['standby_entry']}" if path["standby_entry"] else "")
+        else:
+            print(f"tunnel address {s['address']} via relay {relay['endpoint']}")
         if "rx_bytes" in relay:
             print(
                 f"  rx {_fmt_bytes(relay['rx_bytes'])}  tx {_fmt_bytes(relay['tx_bytes'])}"
                 f"  handshake {_fmt_handshake(relay['last_handshake'])}"
             )
+        for line in (path or {}).get("events", []):
+            print(f"  {line}")
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
