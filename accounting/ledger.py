@@ -166,9 +166,15 @@ def _rejected(reason: str, session_id: bytes = b"") -> Booking:
 
 
 def assess(
-    bundle: ReceiptBundle, held: SessionState | None, known: Callable[[PublicKey], bool]
+    bundle: ReceiptBundle,
+    held: SessionState | None,
+    known_client: Callable[[PublicKey], bool],
+    known_relay: Callable[[PublicKey], bool] | None = None,
 ) -> Booking:
-    """Decide what a verified bundle books, given what is held for its session."""
+    """Decide what a verified bundle books, given what is held for its session.
+
+    The client must be registered (it deposited) and every relay on the path
+    known (it announced itself); ``known_relay`` defaults to ``known_client``."""
     r = bundle.receipt
     if not bundle.complete:
         return _rejected("not countersigned by every relay", r.session_id)
@@ -176,7 +182,8 @@ def assess(
         r.total_bytes * r.price_per_gib // GIB >= MAX_UNITS
     ):
         return _rejected("out of range", r.session_id)
-    if any(not known(k) for k in (r.client, *r.path)):
+    relay_ok = known_relay or known_client
+    if not known_client(r.client) or not all(relay_ok(k) for k in r.path):
         return _rejected("unknown client or relay", r.session_id)
     if held is not None:
         if (held.client, held.path, held.price_per_gib) != (r.client, r.path, r.price_per_gib):
@@ -260,10 +267,10 @@ class EpochClose:
     postings: tuple[Posting, ...]  # the emission entry
     earned: dict[PublicKey, int]  # every relay's cumulative earnings after the close
 
-    def claim(self, relay: PublicKey) -> tuple[int, tuple[bytes, ...]]:
-        """A relay's leaf amount and proof (the tree's leaves are sorted by relay key)."""
-        index = sorted(self.earned).index(relay)
-        return self.earned[relay], self.tree.proof(index)
+    def claims(self) -> dict[PublicKey, tuple[int, tuple[bytes, ...]]]:
+        """Every relay's leaf amount and proof (leaves are sorted by relay key)."""
+        leaves = sorted(k for k, v in self.earned.items() if v)
+        return {k: (self.earned[k], self.tree.proof(i)) for i, k in enumerate(leaves)}
 
 
 def close(  # noqa: PLR0917 - the epoch's whole state, in order
@@ -304,7 +311,7 @@ def close(  # noqa: PLR0917 - the epoch's whole state, in order
         emission_pool=pool,
         emitted=emitted,
         carried=pool - emitted,
-        tree=MerkleTree.build(after),
+        tree=MerkleTree.build({k: v for k, v in after.items() if v}),
         postings=postings,
         earned=after,
     )
