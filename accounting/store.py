@@ -29,15 +29,20 @@ Tables (schema version 1): ``meta`` (next_id, epoch, epoch_start_ms, carry),
 ``entries`` (each with the receipt, deposit or epoch that caused it),
 ``postings``, ``deposits``, ``tally`` (per epoch and relay), ``epochs``
 (with the signed statement), ``rewards`` (per epoch and relay, with the
-Merkle proof) and ``counters`` (duplicates and rejections by reason).
+Merkle proof), ``counters`` (duplicates and rejections by reason) and
+``parked``: valid receipts naming a client or relay not known yet (its
+announcement or deposit may simply not have arrived); ``unpark`` books them
+again once parties change. They are kept in the same transaction that
+decided so, since the broker forgets a receipt once we acknowledge it.
 Migrations are numbered and applied in order, each in its own transaction.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -115,10 +120,16 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             " cumulative {bigint} NOT NULL, proof {blob} NOT NULL, PRIMARY KEY (epoch, relay))"
         ),
         "CREATE TABLE counters (name TEXT PRIMARY KEY, count {bigint} NOT NULL)",
+        (
+            "CREATE TABLE parked (digest {blob} PRIMARY KEY, bundle {blob} NOT NULL,"
+            " since_ms {bigint} NOT NULL)"
+        ),
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 CHUNK: Final = 500  # parameters per IN (...) list
+MAX_PARKED: Final = 100_000  # receipts waiting for an unknown party; beyond, dropped
+UNKNOWN: Final = "unknown client or relay"
 KEY_LEN: Final = 32
 
 # an entry to write: id, kind, ref, epoch, created_ms, receipt_id and its postings
@@ -184,6 +195,69 @@ def _unpack_keys(raw: bytes) -> tuple[PublicKey, ...]:
 
 def _proof_of(raw: bytes) -> tuple[bytes, ...]:
     return tuple(raw[i : i + 32] for i in range(0, len(raw), 32))
+
+
+@dataclass
+class _Batch:
+    """One batch's decisions, gathered to be written at once. ``held`` moves with them."""
+
+    epoch: int
+    now_ms: int
+    next_id: int
+    held: dict[bytes, SessionState]
+    clients: set[str]
+    relays: set[str]
+    results: list[Booking] = field(default_factory=list)
+    receipts: list[tuple[Any, ...]] = field(default_factory=list)
+    entries: list[_Entry] = field(default_factory=list)
+    parked: list[tuple[bytes, bytes, int]] = field(default_factory=list)
+    last_booked: dict[bytes, int] = field(default_factory=dict)
+    tally: EpochTally = field(default_factory=EpochTally)
+    counts: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def known_client(self, key: PublicKey) -> bool:
+        return node_id_of(key) in self.clients
+
+    def known_relay(self, key: PublicKey) -> bool:
+        return node_id_of(key) in self.relays
+
+    def decide(self, item: Ingest) -> None:
+        if item.bundle is None:
+            self.counts[f"rejected:{item.reason}"] += 1
+            self.results.append(Booking(Outcome.REJECTED, item.reason))
+            return
+        r = item.bundle.receipt
+        booking = assess(
+            item.bundle, self.held.get(r.session_id), self.known_client, self.known_relay
+        )
+        self.results.append(booking)
+        if booking.outcome is Outcome.REJECTED:
+            self.counts[f"rejected:{booking.reason}"] += 1
+            if booking.reason == UNKNOWN:
+                wire = item.bundle.encode()
+                self.parked.append((hashlib.sha256(wire).digest(), wire, self.now_ms))
+            return
+        if booking.outcome is Outcome.DUPLICATE:
+            self.counts["duplicate"] += 1
+            return
+        receipt_id = self.next_id
+        self.next_id += 2  # the receipt's row and its entry's
+        self.receipts.append(
+            (receipt_id, r.session_id, r.seq, r.total_bytes, booking.outcome.value, self.epoch,
+             self.now_ms, item.bundle.encode())
+        )  # fmt: skip
+        if booking.outcome is Outcome.STALE:
+            self.counts["stale"] += 1
+            return
+        self.counts["booked"] += 1
+        assert booking.session is not None  # noqa: S101 - BOOKED carries it
+        self.held[r.session_id] = booking.session
+        self.last_booked[r.session_id] = receipt_id
+        self.tally.add(booking)
+        self.entries.append(
+            (receipt_id + 1, "receipt", booking.ref, self.epoch, self.now_ms, receipt_id,
+             booking.postings)
+        )  # fmt: skip
 
 
 class Store:
@@ -327,92 +401,76 @@ class Store:
 
     # ---- receipts
 
-    def book(self, items: Sequence[Ingest], now_ms: int) -> list[Booking]:
-        """Book a batch in one transaction; returns one decision per item, in order."""
-        counts: collections.Counter[str] = collections.Counter()
+    def book(
+        self, items: Sequence[Ingest], now_ms: int, *, unparked: Sequence[bytes] = ()
+    ) -> list[Booking]:
+        """Book a batch in one transaction; returns one decision per item, in order.
+
+        ``unparked``: digests of the parked receipts being booked, to delete with it."""
         bundles = [i.bundle for i in items if i.bundle is not None]
         with self.db.transaction():
             first_id = self._allocate(2 * len(bundles))
-            epoch = self._meta()["epoch"]
-            held = self._held(sorted({b.receipt.session_id for b in bundles}))
+            self.db.executemany("DELETE FROM parked WHERE digest = ?", [(d,) for d in unparked])
             ids = sorted(
                 {node_id_of(k) for b in bundles for k in (b.receipt.client, *b.receipt.path)}
             )
             known = self._in("SELECT node_id, kind FROM parties WHERE node_id IN ({marks})", ids)
-            clients = {str(n) for n, kind in known if kind == CLIENT}
-            relays = {str(n) for n, kind in known if kind == RELAY}
-
-            def known_client(k: PublicKey) -> bool:
-                return node_id_of(k) in clients
-
-            def known_relay(k: PublicKey) -> bool:
-                return node_id_of(k) in relays
-
-            results: list[Booking] = []
-            receipts: list[tuple[Any, ...]] = []
-            entries: list[_Entry] = []
-            last_booked: dict[bytes, int] = {}
-            tally = EpochTally()
-            next_id = first_id
+            batch = _Batch(
+                epoch=self._meta()["epoch"],
+                now_ms=now_ms,
+                next_id=first_id,
+                held=self._held(sorted({b.receipt.session_id for b in bundles})),
+                clients={str(n) for n, kind in known if kind == CLIENT},
+                relays={str(n) for n, kind in known if kind == RELAY},
+            )
             for item in items:
-                if item.bundle is None:
-                    counts[f"rejected:{item.reason}"] += 1
-                    results.append(Booking(Outcome.REJECTED, item.reason))
-                    continue
-                r = item.bundle.receipt
-                booking = assess(item.bundle, held.get(r.session_id), known_client, known_relay)
-                results.append(booking)
-                if booking.outcome is Outcome.REJECTED:
-                    counts[f"rejected:{booking.reason}"] += 1
-                    continue
-                if booking.outcome is Outcome.DUPLICATE:
-                    counts["duplicate"] += 1
-                    continue
-                receipt_id, next_id = next_id, next_id + 2
-                receipts.append(
-                    (
-                        receipt_id,
-                        r.session_id,
-                        r.seq,
-                        r.total_bytes,
-                        booking.outcome.value,
-                        epoch,
-                        now_ms,
-                        item.bundle.encode(),
-                    )
-                )
-                if booking.outcome is Outcome.STALE:
-                    counts["stale"] += 1
-                    continue
-                counts["booked"] += 1
-                assert booking.session is not None  # noqa: S101 - BOOKED carries it
-                held[r.session_id] = booking.session
-                last_booked[r.session_id] = receipt_id
-                tally.add(booking)
-                entries.append(
-                    (
-                        receipt_id + 1,
-                        "receipt",
-                        booking.ref,
-                        epoch,
-                        now_ms,
-                        receipt_id,
-                        booking.postings,
-                    )
-                )
+                batch.decide(item)
             self.db.executemany(
                 "INSERT INTO receipts (id, session_id, seq, total_bytes, outcome, epoch,"
                 " received_ms, bundle) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                receipts,
+                batch.receipts,
             )
             relay_keys = {
-                f"{RELAY}:{node_id_of(k)}": k.raw for sid in last_booked for k in held[sid].path
+                f"{RELAY}:{node_id_of(k)}": k.raw
+                for sid in batch.last_booked
+                for k in batch.held[sid].path
             }
-            self._post(entries, relay_keys)
-            self._write_sessions(held, last_booked)
-            self._write_tally(epoch, tally)
-            self._count(counts)
-        return results
+            self._post(batch.entries, relay_keys)
+            self._write_sessions(batch.held, batch.last_booked)
+            self._write_tally(batch.epoch, batch.tally)
+            self._park(batch.parked, batch.counts)
+            self._count(batch.counts)
+        return batch.results
+
+    def _park(
+        self, parked: list[tuple[bytes, bytes, int]], counts: collections.Counter[str]
+    ) -> None:
+        if not parked:
+            return
+        (row,) = self.db.execute("SELECT COUNT(*) FROM parked")
+        room = max(0, MAX_PARKED - int(row[0]))
+        if len(parked) > room:
+            counts["dropped:parked-full"] += len(parked) - room
+        self.db.executemany(
+            "INSERT INTO parked (digest, bundle, since_ms) VALUES (?, ?, ?)"
+            " ON CONFLICT (digest) DO NOTHING",
+            parked[:room],
+        )
+
+    def parked_count(self) -> int:
+        (row,) = self.db.execute("SELECT COUNT(*) FROM parked")
+        return int(row[0])
+
+    def unpark(self, now_ms: int, limit: int = 1000) -> list[Booking]:
+        """Book parked receipts again (those still unknown are parked again)."""
+        rows = self.db.execute(
+            "SELECT digest, bundle FROM parked ORDER BY since_ms LIMIT ?", (limit,)
+        )
+        if not rows:
+            return []
+        # verified before they were parked, and the bytes are the same: decode only checks again
+        items = [Ingest(ReceiptBundle.decode(bytes(b))) for _, b in rows]
+        return self.book(items, now_ms, unparked=[bytes(d) for d, _ in rows])
 
     def _held(self, session_ids: list[bytes]) -> dict[bytes, SessionState]:
         rows = self._in(
@@ -561,6 +619,15 @@ class Store:
 
     def balances(self) -> dict[str, int]:
         return {str(a): int(b) for a, b in self.db.execute("SELECT account, balance FROM accounts")}
+
+    def client_balances(self) -> dict[str, int]:
+        """Every client's balance, by node id."""
+        return {
+            str(a).split(":", 1)[1]: int(b)
+            for a, b in self.db.execute(
+                "SELECT account, balance FROM accounts WHERE kind = ?", (CLIENT,)
+            )
+        }
 
     def balance(self, account: str) -> int:
         rows = self.db.execute("SELECT balance FROM accounts WHERE account = ?", (account,))

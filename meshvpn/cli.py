@@ -933,6 +933,10 @@ def build_parser() -> argparse.ArgumentParser:
     from meshvpn.lab.nodes import add_lab_parsers  # noqa: PLC0415
 
     add_lab_parsers(sub, cmd_lab, cmd_demo)
+
+    from accounting.cli import add_parsers as add_accounting_parsers  # noqa: PLC0415
+
+    add_accounting_parsers(sub)  # `accounting ...` and `earnings ...`
     return parser
 
 
