@@ -293,7 +293,8 @@ def close(  # noqa: PLR0917 - the epoch's whole state, in order
     for relay, v in emission.items():
         after[relay] = after.get(relay, 0) + v
     rewards = {}
-    for relay in {k for k, v in tally.gross.items() if v} | set(emission):
+    active = {k for k, v in tally.gross.items() if v} | {k for k, v in tally.bytes.items() if v}
+    for relay in active | set(emission):
         gross, fee = tally.gross.get(relay, 0), tally.fee.get(relay, 0)
         rewards[relay] = RelayReward(
             gross=gross,

@@ -567,7 +567,9 @@ class Store:
                 ),
             )
             rows = []
-            for relay, (cumulative, proof) in result.claims().items():
+            claims = result.claims()
+            for relay in sorted(set(claims) | set(result.rewards)):
+                cumulative, proof = claims.get(relay, (0, ()))  # nothing earned: no leaf
                 reward = result.rewards.get(relay)
                 rows.append(
                     (
