@@ -600,6 +600,9 @@ class RelayAgent(Agent):
             "probes": {"answered": self.probes.answered, "dropped": dict(self.probes.dropped)},
             "counters": dict(self.counters),
             "credit": dict(self.credit.counters) if self.credit else None,
+            "credit_clients": sorted(c for c, n in self.credit.book.notices.items() if n.ok)
+            if self.credit
+            else None,
             "receipts": self.desk.summary(),
             "sharing": self.controls.status(),
             "peers": peers,
