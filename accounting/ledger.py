@@ -49,6 +49,7 @@ earnings, the amount its Merkle leaf commits to.
 from __future__ import annotations
 
 import enum
+import functools
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -70,12 +71,16 @@ FEE: Final = "fee"
 BRIDGE: Final = "bridge"
 
 
+# A node id is a hash and a base32 encoding: booking asks for the same few thousand often.
+cached_node_id: Final = functools.lru_cache(maxsize=1 << 16)(node_id_of)
+
+
 def client_account(key: PublicKey) -> str:
-    return f"client:{node_id_of(key)}"
+    return f"client:{cached_node_id(key)}"
 
 
 def relay_account(key: PublicKey) -> str:
-    return f"relay:{node_id_of(key)}"
+    return f"relay:{cached_node_id(key)}"
 
 
 def emission_schedule(epoch: int) -> int:

@@ -55,11 +55,12 @@ from accounting.ledger import (
     Posting,
     SessionState,
     assess,
+    cached_node_id,
     close,
     deposit_postings,
 )
 from accounting.receipts import ReceiptBundle
-from meshvpn.identity import PublicKey, node_id_of
+from meshvpn.identity import PublicKey
 
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
@@ -216,10 +217,10 @@ class _Batch:
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def known_client(self, key: PublicKey) -> bool:
-        return node_id_of(key) in self.clients
+        return cached_node_id(key) in self.clients
 
     def known_relay(self, key: PublicKey) -> bool:
-        return node_id_of(key) in self.relays
+        return cached_node_id(key) in self.relays
 
     def decide(self, item: Ingest) -> None:
         if item.bundle is None:
@@ -360,7 +361,7 @@ class Store:
 
     def register(self, key_or_id: PublicKey | str, kind: str, now_ms: int) -> bool:
         """Make a client or relay known; True if it was new."""
-        node_id = key_or_id if isinstance(key_or_id, str) else node_id_of(key_or_id)
+        node_id = key_or_id if isinstance(key_or_id, str) else cached_node_id(key_or_id)
         with self.db.transaction():
             self._allocate(0)
             return self._register(node_id, kind, now_ms)
@@ -412,7 +413,7 @@ class Store:
             first_id = self._allocate(2 * len(bundles))
             self.db.executemany("DELETE FROM parked WHERE digest = ?", [(d,) for d in unparked])
             ids = sorted(
-                {node_id_of(k) for b in bundles for k in (b.receipt.client, *b.receipt.path)}
+                {cached_node_id(k) for b in bundles for k in (b.receipt.client, *b.receipt.path)}
             )
             known = self._in("SELECT node_id, kind FROM parties WHERE node_id IN ({marks})", ids)
             batch = _Batch(
@@ -431,7 +432,7 @@ class Store:
                 batch.receipts,
             )
             relay_keys = {
-                f"{RELAY}:{node_id_of(k)}": k.raw
+                f"{RELAY}:{cached_node_id(k)}": k.raw
                 for sid in batch.last_booked
                 for k in batch.held[sid].path
             }
@@ -550,7 +551,7 @@ class Store:
                 None,
                 result.postings,
             )
-            self._post([emission], {f"{RELAY}:{node_id_of(k)}": k.raw for k in result.earned})
+            self._post([emission], {f"{RELAY}:{cached_node_id(k)}": k.raw for k in result.earned})
             self.db.execute(
                 "INSERT INTO epochs (epoch, start_ms, end_ms, pool, emitted, carried, root,"
                 " statement, entry_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
