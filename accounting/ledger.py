@@ -89,6 +89,8 @@ def emission_schedule(epoch: int) -> int:
 
 def split(amount: int, path: tuple[PublicKey, ...]) -> dict[PublicKey, int]:
     """Divide ``amount`` among the path by weight; remainders to the exit."""
+    if len(path) == 1:  # the common single-hop case, and the hot path of booking
+        return {path[0]: amount}
     weights = [OTHER_WEIGHT] * (len(path) - 1) + [EXIT_WEIGHT]
     total = sum(weights)
     shares = {relay: amount * w // total for relay, w in zip(path, weights, strict=True)}
@@ -132,19 +134,19 @@ class SessionState:
     def total_bytes(self) -> int:
         return self.bytes_up + self.bytes_down
 
-    @property
+    @functools.cached_property
     def cost(self) -> int:
         return self.total_bytes * self.price_per_gib // GIB
 
-    @property
+    @functools.cached_property
     def fee(self) -> int:
         return self.cost * FEE_BPS // 10_000
 
-    @property
+    @functools.cached_property
     def relay_paid(self) -> dict[PublicKey, int]:
         return split(self.cost - self.fee, self.path)
 
-    @property
+    @functools.cached_property
     def fee_shares(self) -> dict[PublicKey, int]:
         return split(self.fee, self.path)
 
