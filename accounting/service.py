@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, ParamSpec, TypeVar
 
 from accounting import credit, earnings
 from accounting.epochs import sign_statement
@@ -54,6 +57,8 @@ from meshvpn.messages import Announcement, MessageError, sign, verify
 from meshvpn.mqtt import BrokerAddress, ControlLink, Delivery
 
 log = logging.getLogger("meshvpn.accounting")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 RECEIPTS_PREFIX: Final = "meshvpn/v1/receipts/"
 EPOCHS_PREFIX: Final = "meshvpn/v1/epochs/"
@@ -101,6 +106,7 @@ class AccountingService:
         self.identity: Identity = init_identity(opts.state_dir)[0]
         self.lock = StateLock(opts.state_dir)
         self.store = Store.open(opts.db_url, opts.state_dir)
+        self._db_thread = concurrent.futures.ThreadPoolExecutor(1, "ledger")
         self.inbox: asyncio.Queue[Delivery] = asyncio.Queue()
         self.counters: collections.Counter[str] = collections.Counter()
         self._logged: set[str] = set()
@@ -117,6 +123,12 @@ class AccountingService:
             on_delivery=self.inbox.put,
             on_connect=self._connected,
         )
+
+    async def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a store call on the one database thread: calls never interleave, so one
+        task's transaction never sees (or breaks) another's, and the loop is free."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db_thread, functools.partial(fn, *args, **kwargs))
 
     async def _unused(self, _topic: str, _payload: bytes) -> None:
         raise AssertionError("deliveries go to the inbox")
@@ -157,6 +169,7 @@ class AccountingService:
                 for job in jobs:
                     job.cancel()
         finally:
+            self._db_thread.shutdown(wait=True)
             self.store.close()
             self.lock.release()
 
@@ -192,7 +205,7 @@ class AccountingService:
                 await self._on_announcement(d.payload)
         if not receipts:
             return
-        bookings = await asyncio.to_thread(self._ingest, receipts)
+        bookings = await self._db(self._ingest, receipts)
         for booking in bookings:
             self.counters[booking.outcome.value] += 1
             if booking.outcome is Outcome.REJECTED:
@@ -209,7 +222,7 @@ class AccountingService:
         except MessageError as exc:
             self._once(f"announcement:{exc.reason}", f"ignored an announcement ({exc.reason})")
             return
-        if await asyncio.to_thread(self.store.register, relay, RELAY, now_ms()):
+        if await self._db(self.store.register, relay, RELAY, now_ms()):
             log.info("relay %s is known now", node_id_of(relay))
 
     # ---- epochs and earnings
@@ -220,13 +233,13 @@ class AccountingService:
     async def _epoch_loop(self) -> None:
         period_ms = int(self.opts.epoch_seconds * 1000)
         while True:
-            epoch, start_ms = await asyncio.to_thread(self.store.current_epoch)
+            epoch, start_ms = await self._db(self.store.current_epoch)
             due = start_ms + period_ms
             now = now_ms()
             if now < due:
                 await asyncio.sleep(min((due - now) / 1000, 1.0))
                 continue
-            close, statement = await asyncio.to_thread(self.store.close_epoch, due, self._sign)
+            close, statement = await self._db(self.store.close_epoch, due, self._sign)
             log.info(
                 "epoch %d closed: %d relay(s) rewarded, %d emitted, %d carried, root %s",
                 epoch,
@@ -267,14 +280,14 @@ class AccountingService:
             if self._republish.is_set():
                 self._republish.clear()
                 self._credit.clear()  # every notice goes out again
-                epochs = await asyncio.to_thread(self.store.epochs)
+                epochs = await self._db(self.store.epochs)
                 if epochs:
                     await self._publish_epoch(epochs[-1].statement)
-                self._dirty.update(await asyncio.to_thread(self.store.relays))
+                self._dirty.update(await self._db(self.store.relays))
             relays, self._dirty = self._dirty, set()
             if not relays:
                 continue
-            for topic, wire in await asyncio.to_thread(self._reports, relays):
+            for topic, wire in await self._db(self._reports, relays):
                 if not await self.link.publish(topic, wire, retain=True):
                     self._dirty.update(relays)  # not connected: next time
                     break
@@ -284,14 +297,14 @@ class AccountingService:
     async def _credit_loop(self) -> None:
         while True:
             await asyncio.sleep(CREDIT_CHECK_S)
-            parties = await asyncio.to_thread(self._party_count)
+            parties = await self._db(self._party_count)
             if parties != self._parties:
                 self._parties = parties
-                while await asyncio.to_thread(self._unpark):
+                while await self._db(self._unpark):
                     pass
             if not self.link.connected.is_set():
                 continue
-            balances = await asyncio.to_thread(self.store.client_balances)
+            balances = await self._db(self.store.client_balances)
             now = now_ms()
             for client, balance in sorted(balances.items()):
                 notice = credit.notice_for(client, balance, now)

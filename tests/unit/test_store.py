@@ -325,3 +325,24 @@ def test_two_writers_do_not_double_book(open_store: Callable[[], Store]) -> None
     assert b.book(ingest([wire]), NOW)[0].outcome is Outcome.DUPLICATE
     assert b.deposit(node_id_of(CLIENTS[0].ed25519_public()), 1, "late", NOW)
     assert a.balance(client_account(CLIENTS[0].ed25519_public())) == 10**15 - 4000 + 1
+
+
+def test_receipts_for_parties_not_known_yet_are_parked_then_booked(store: Store) -> None:
+    """The broker forgets a receipt once acknowledged: one that names a relay whose
+    announcement has not arrived yet is kept, and booked when the relay is known."""
+    for c in CLIENTS:
+        store.deposit(node_id_of(c.ed25519_public()), 10**9, f"d-{c.ed25519_public().hex}", NOW)
+    session = os.urandom(16)
+    wires = [bundle(CLIENTS[0], [RELAYS[2]], session, 0, n * GIB, 1000, n) for n in (1, 3)]
+    results = store.book(ingest(wires), NOW)
+    assert {r.reason for r in results} == {"unknown client or relay"}
+    assert store.parked_count() == 2
+    again = store.unpark(NOW)  # still unknown: parked again
+    assert [r.outcome for r in again] == [Outcome.REJECTED, Outcome.REJECTED]
+    assert store.parked_count() == 2
+    store.register(RELAYS[2].ed25519_public(), "relay", NOW)
+    booked = [b for b in store.unpark(NOW) if b.outcome is Outcome.BOOKED]
+    assert booked
+    assert store.parked_count() == 0
+    assert store.sessions()[session].total_bytes == 3 * GIB
+    assert store.balance(relay_account(RELAYS[2].ed25519_public())) == 3000 - 300
