@@ -73,7 +73,7 @@ class SQLiteDatabase:
         return self.conn.execute(sql, tuple(params)).fetchall()
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        self.conn.executemany(sql, rows)
+        self.conn.executemany(sql, rows)  # nothing to do for no rows: sqlite3 returns at once
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -123,8 +123,11 @@ class PostgresDatabase:
         return [tuple(r) for r in cur.fetchall()] if cur.description else []
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        batch = list(rows)
+        if not batch:  # spare the round trip
+            return
         with self.conn.cursor() as cur:
-            cur.executemany(self._pg(sql), list(rows))
+            cur.executemany(self._pg(sql), batch)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
