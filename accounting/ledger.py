@@ -13,6 +13,15 @@ for each session we keep what has been booked so far and book only the
 increase over it. Money is computed cumulatively and then differenced, so
 rounding never drifts: after any sequence of receipts for a session, the
 client has paid exactly ``floor(bytes * price / GiB)`` for the highest one.
+A receipt at or below what is held books nothing: the same total is a
+duplicate, a lower one is *stale* (recorded, never subtracted).
+
+The decisions are two pure functions, and nothing else computes money:
+``assess(bundle, held, known)`` says what one receipt books given the
+session's held state, and ``close(...)`` what an epoch emits given its tally.
+Each returns the postings and the new state. ``Ledger`` below applies them
+to dictionaries (the reference model the tests check invariants on);
+``accounting.store`` applies the very same decisions to SQL tables.
 
 Split of what a client pays, per receipt:
 - ``FEE_BPS`` (10 %) to the protocol fee account;
@@ -29,18 +38,25 @@ per-byte share, a relay could buy its own bytes through a fake client at a
 near-zero price and collect emission for them. With a fee-proportional,
 fee-capped share, a relay that pays itself a fee f gains at most
 ``pool * f / total_fees <= f`` in emission: self-dealing never gains.
+
+Ranges: bytes and amounts stay below ``MAX_UNITS`` (2**62) so that every
+number fits a signed 64-bit column (BIGINT) with room for sums; a receipt
+beyond that is rejected ("out of range"), never wrapped or rounded. Relay
+accounts are only ever credited, so a relay's balance *is* its cumulative
+earnings, the amount its Merkle leaf commits to.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
 from accounting.merkle import MerkleTree
-from accounting.receipts import GIB, Receipt, ReceiptBundle
+from accounting.receipts import GIB, ReceiptBundle
 from meshvpn.identity import PublicKey, node_id_of
 from meshvpn.messages import MessageError
 
@@ -49,17 +65,22 @@ EXIT_WEIGHT: Final = 2
 OTHER_WEIGHT: Final = 1
 EMISSION_START: Final = 1_000_000_000  # token units per epoch, first halving period
 HALVING_EPOCHS: Final = 1_000
+MAX_UNITS: Final = 1 << 62
 MINT: Final = "mint"
 FEE: Final = "fee"
 BRIDGE: Final = "bridge"
 
 
+# A node id is a hash and a base32 encoding: booking asks for the same few thousand often.
+cached_node_id: Final = functools.lru_cache(maxsize=1 << 16)(node_id_of)
+
+
 def client_account(key: PublicKey) -> str:
-    return f"client:{node_id_of(key)}"
+    return f"client:{cached_node_id(key)}"
 
 
 def relay_account(key: PublicKey) -> str:
-    return f"relay:{node_id_of(key)}"
+    return f"relay:{cached_node_id(key)}"
 
 
 def emission_schedule(epoch: int) -> int:
@@ -68,6 +89,8 @@ def emission_schedule(epoch: int) -> int:
 
 def split(amount: int, path: tuple[PublicKey, ...]) -> dict[PublicKey, int]:
     """Divide ``amount`` among the path by weight; remainders to the exit."""
+    if len(path) == 1:  # the common single-hop case, and the hot path of booking
+        return {path[0]: amount}
     weights = [OTHER_WEIGHT] * (len(path) - 1) + [EXIT_WEIGHT]
     total = sum(weights)
     shares = {relay: amount * w // total for relay, w in zip(path, weights, strict=True)}
@@ -80,13 +103,6 @@ class Outcome(enum.Enum):
     DUPLICATE = "duplicate"
     STALE = "stale"
     REJECTED = "rejected"
-
-
-@dataclass(frozen=True)
-class BookResult:
-    outcome: Outcome
-    reason: str = ""
-    entry_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -103,12 +119,121 @@ class Entry:
     postings: tuple[Posting, ...]
 
 
-@dataclass
-class _Session:
-    receipt: Receipt  # the highest booked
-    cost: int
-    fee: int
-    relay_paid: dict[PublicKey, int]
+@dataclass(frozen=True)
+class SessionState:
+    """What has been booked for one session: its terms and its highest receipt."""
+
+    client: PublicKey
+    path: tuple[PublicKey, ...]
+    price_per_gib: int
+    bytes_up: int
+    bytes_down: int
+    seq: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes_up + self.bytes_down
+
+    @functools.cached_property
+    def cost(self) -> int:
+        return self.total_bytes * self.price_per_gib // GIB
+
+    @functools.cached_property
+    def fee(self) -> int:
+        return self.cost * FEE_BPS // 10_000
+
+    @functools.cached_property
+    def relay_paid(self) -> dict[PublicKey, int]:
+        return split(self.cost - self.fee, self.path)
+
+    @functools.cached_property
+    def fee_shares(self) -> dict[PublicKey, int]:
+        return split(self.fee, self.path)
+
+
+@dataclass(frozen=True)
+class Booking:
+    """What one receipt does to the books: ``assess``'s decision."""
+
+    outcome: Outcome
+    reason: str = ""
+    session_id: bytes = b""
+    ref: str = ""
+    postings: tuple[Posting, ...] = ()
+    session: SessionState | None = None  # the held state after booking
+    # this epoch's tally increments, per relay on the path
+    gross: Mapping[PublicKey, int] = field(default_factory=dict)
+    fee: Mapping[PublicKey, int] = field(default_factory=dict)
+    bytes: Mapping[PublicKey, int] = field(default_factory=dict)
+    new_bytes: int = 0
+
+
+def _rejected(reason: str, session_id: bytes = b"") -> Booking:
+    return Booking(Outcome.REJECTED, reason, session_id)
+
+
+def assess(
+    bundle: ReceiptBundle,
+    held: SessionState | None,
+    known_client: Callable[[PublicKey], bool],
+    known_relay: Callable[[PublicKey], bool] | None = None,
+) -> Booking:
+    """Decide what a verified bundle books, given what is held for its session.
+
+    The client must be registered (it deposited) and every relay on the path
+    known (it announced itself); ``known_relay`` defaults to ``known_client``."""
+    r = bundle.receipt
+    if not bundle.complete:
+        return _rejected("not countersigned by every relay", r.session_id)
+    if max(r.bytes_up, r.bytes_down, r.total_bytes, r.seq, r.price_per_gib) >= MAX_UNITS or (
+        r.total_bytes * r.price_per_gib // GIB >= MAX_UNITS
+    ):
+        return _rejected("out of range", r.session_id)
+    relay_ok = known_relay or known_client
+    if not known_client(r.client) or not all(relay_ok(k) for k in r.path):
+        return _rejected("unknown client or relay", r.session_id)
+    if held is not None:
+        if (held.client, held.path, held.price_per_gib) != (r.client, r.path, r.price_per_gib):
+            return _rejected("session terms changed", r.session_id)
+        if r.total_bytes == held.total_bytes:
+            return Booking(Outcome.DUPLICATE, session_id=r.session_id)
+        if r.total_bytes < held.total_bytes:
+            return Booking(Outcome.STALE, session_id=r.session_id)
+    after = SessionState(r.client, r.path, r.price_per_gib, r.bytes_up, r.bytes_down, r.seq)
+    before = held or SessionState(r.client, r.path, r.price_per_gib, 0, 0, 0)
+    paid, paid_before = after.relay_paid, before.relay_paid
+    fees, fees_before = after.fee_shares, before.fee_shares
+    new_bytes = after.total_bytes - before.total_bytes
+    postings = [
+        Posting(client_account(r.client), -(after.cost - before.cost)),
+        Posting(FEE, after.fee - before.fee),
+    ]
+    gross: dict[PublicKey, int] = {}
+    fee: dict[PublicKey, int] = {}
+    for relay in r.path:
+        credit = paid[relay] - paid_before[relay]
+        postings.append(Posting(relay_account(relay), credit))
+        fee[relay] = fees[relay] - fees_before[relay]
+        gross[relay] = credit + fee[relay]
+    return Booking(
+        Outcome.BOOKED,
+        session_id=r.session_id,
+        ref=f"{r.session_id.hex()}:{r.seq}",
+        postings=tuple(p for p in postings if p.amount),
+        session=after,
+        gross=gross,
+        fee=fee,
+        bytes=split(new_bytes, r.path),
+        new_bytes=new_bytes,
+    )
+
+
+def deposit_postings(account: str, amount: int) -> tuple[Posting, ...]:
+    if not 0 < amount < MAX_UNITS:
+        raise ValueError(f"a deposit is positive and below {MAX_UNITS}")
+    if account in (BRIDGE, MINT, FEE):
+        raise ValueError(f"cannot deposit to {account}")
+    return (Posting(account, amount), Posting(BRIDGE, -amount))
 
 
 @dataclass(frozen=True)
@@ -121,6 +246,21 @@ class RelayReward:
     cumulative: int  # everything ever credited, the Merkle leaf
 
 
+@dataclass
+class EpochTally:
+    gross: defaultdict[PublicKey, int] = field(default_factory=lambda: defaultdict(int))
+    fee: defaultdict[PublicKey, int] = field(default_factory=lambda: defaultdict(int))
+    bytes: defaultdict[PublicKey, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, booking: Booking) -> None:
+        for relay, v in booking.gross.items():
+            self.gross[relay] += v
+        for relay, v in booking.fee.items():
+            self.fee[relay] += v
+        for relay, v in booking.bytes.items():
+            self.bytes[relay] += v
+
+
 @dataclass(frozen=True)
 class EpochClose:
     epoch: int
@@ -131,129 +271,119 @@ class EpochClose:
     emitted: int
     carried: int
     tree: MerkleTree
+    postings: tuple[Posting, ...]  # the emission entry
+    earned: dict[PublicKey, int]  # every relay's cumulative earnings after the close
+
+    def claims(self) -> dict[PublicKey, tuple[int, tuple[bytes, ...]]]:
+        """Every relay's leaf amount and proof (leaves are sorted by relay key)."""
+        leaves = sorted(k for k, v in self.earned.items() if v)
+        return {k: (self.earned[k], self.tree.proof(i)) for i, k in enumerate(leaves)}
 
 
-@dataclass
-class _EpochTally:
-    gross: defaultdict[PublicKey, int] = field(default_factory=lambda: defaultdict(int))
-    fee: defaultdict[PublicKey, int] = field(default_factory=lambda: defaultdict(int))
-    bytes: defaultdict[PublicKey, int] = field(default_factory=lambda: defaultdict(int))
+def close(  # noqa: PLR0917 - the epoch's whole state, in order
+    epoch: int,
+    start_ms: int,
+    end_ms: int,
+    carry: int,
+    tally: EpochTally,
+    earned: Mapping[PublicKey, int],
+) -> EpochClose:
+    """Decide an epoch's emission and rewards; ``earned`` is before the close."""
+    pool = emission_schedule(epoch) + carry
+    fees = {k: v for k, v in tally.fee.items() if v}
+    emission = water_fill(pool, fees, fees)
+    emitted = sum(emission.values())
+    postings = tuple(Posting(relay_account(k), v) for k, v in sorted(emission.items())) + (
+        (Posting(MINT, -emitted),) if emitted else ()
+    )
+    after = dict(earned)
+    for relay, v in emission.items():
+        after[relay] = after.get(relay, 0) + v
+    rewards = {}
+    active = {k for k, v in tally.gross.items() if v} | {k for k, v in tally.bytes.items() if v}
+    for relay in active | set(emission):
+        gross, fee = tally.gross.get(relay, 0), tally.fee.get(relay, 0)
+        rewards[relay] = RelayReward(
+            gross=gross,
+            fee=fee,
+            emission=emission.get(relay, 0),
+            net=gross - fee + emission.get(relay, 0),
+            paid_bytes=tally.bytes.get(relay, 0),
+            cumulative=after.get(relay, 0),
+        )
+    return EpochClose(
+        epoch=epoch,
+        start_ms=start_ms,
+        end_ms=end_ms,
+        rewards=rewards,
+        emission_pool=pool,
+        emitted=emitted,
+        carried=pool - emitted,
+        tree=MerkleTree.build({k: v for k, v in after.items() if v}),
+        postings=postings,
+        earned=after,
+    )
 
 
 @dataclass
 class Ledger:
+    """The books in memory: the reference model, applying ``assess`` and ``close``."""
+
     balances: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     entries: list[Entry] = field(default_factory=list)
-    sessions: dict[bytes, _Session] = field(default_factory=dict)
+    sessions: dict[bytes, SessionState] = field(default_factory=dict)
     earned: defaultdict[PublicKey, int] = field(default_factory=lambda: defaultdict(int))
     epoch: int = 0
     epoch_start_ms: int = 0
     carry: int = 0
-    tally: _EpochTally = field(default_factory=_EpochTally)
+    tally: EpochTally = field(default_factory=EpochTally)
     stale: int = 0
 
-    def _post(self, kind: str, ref: str, postings: list[Posting]) -> int:
-        postings = [p for p in postings if p.amount]
+    def _post(self, kind: str, ref: str, postings: tuple[Posting, ...]) -> int:
         if sum(p.amount for p in postings) != 0:
             raise AssertionError("unbalanced entry")  # a bug here must never book
         entry_id = len(self.entries) + 1
-        self.entries.append(Entry(entry_id, kind, ref, tuple(postings)))
+        self.entries.append(Entry(entry_id, kind, ref, postings))
         for p in postings:
             self.balances[p.account] += p.amount
         return entry_id
 
     def deposit(self, account: str, amount: int, note: str = "") -> int:
-        if amount <= 0:
-            raise ValueError("a deposit is positive")
-        return self._post("deposit", note, [Posting(account, amount), Posting(BRIDGE, -amount)])
+        return self._post("deposit", note, deposit_postings(account, amount))
 
     def credit(self, client: PublicKey) -> int:
         return self.balances[client_account(client)]
 
-    def book(self, wire: bytes, known: Callable[[PublicKey], bool]) -> BookResult:
+    def book(self, wire: bytes, known: Callable[[PublicKey], bool]) -> Booking:
         """Book a countersigned bundle; anything short of fully valid is rejected."""
         try:
             bundle = ReceiptBundle.decode(wire)
         except MessageError as exc:
-            return BookResult(Outcome.REJECTED, exc.reason)
-        if not bundle.complete:
-            return BookResult(Outcome.REJECTED, "not countersigned by every relay")
-        r = bundle.receipt
-        unknown = [k for k in (r.client, *r.path) if not known(k)]
-        if unknown:
-            return BookResult(Outcome.REJECTED, "unknown client or relay")
-        held = self.sessions.get(r.session_id)
-        if held is not None:
-            if (held.receipt.client, held.receipt.path, held.receipt.price_per_gib) != (
-                r.client,
-                r.path,
-                r.price_per_gib,
-            ):
-                return BookResult(Outcome.REJECTED, "session terms changed")
-            if r.total_bytes == held.receipt.total_bytes:
-                return BookResult(Outcome.DUPLICATE)
-            if r.total_bytes < held.receipt.total_bytes:
-                self.stale += 1
-                return BookResult(Outcome.STALE)
-        cost = r.total_bytes * r.price_per_gib // GIB
-        fee = cost * FEE_BPS // 10_000
-        paid = split(cost - fee, r.path)
-        before = held or _Session(r, 0, 0, dict.fromkeys(r.path, 0))
-        fee_shares = split(fee, r.path)
-        before_fee_shares = split(before.fee, r.path)
-        new_bytes = r.total_bytes - (held.receipt.total_bytes if held else 0)
-        postings = [
-            Posting(client_account(r.client), -(cost - before.cost)),
-            Posting(FEE, fee - before.fee),
-        ]
-        for relay in r.path:
-            amount = paid[relay] - before.relay_paid[relay]
-            postings.append(Posting(relay_account(relay), amount))
-            self.earned[relay] += amount
-            self.tally.gross[relay] += amount + fee_shares[relay] - before_fee_shares[relay]
-            self.tally.fee[relay] += fee_shares[relay] - before_fee_shares[relay]
-        for relay, share in split(new_bytes, r.path).items():
-            self.tally.bytes[relay] += share
-        entry_id = self._post("receipt", f"{r.session_id.hex()}:{r.seq}", postings)
-        self.sessions[r.session_id] = _Session(r, cost, fee, paid)
-        return BookResult(Outcome.BOOKED, entry_id=entry_id)
+            return _rejected(exc.reason)
+        return self.book_bundle(bundle, known)
+
+    def book_bundle(self, bundle: ReceiptBundle, known: Callable[[PublicKey], bool]) -> Booking:
+        booking = assess(bundle, self.sessions.get(bundle.receipt.session_id), known)
+        if booking.outcome is Outcome.STALE:
+            self.stale += 1
+        if booking.outcome is not Outcome.BOOKED or booking.session is None:
+            return booking
+        self._post("receipt", booking.ref, booking.postings)
+        self.sessions[booking.session_id] = booking.session
+        self.tally.add(booking)
+        for relay in booking.session.path:
+            self.earned[relay] = self.balances[relay_account(relay)]
+        return booking
 
     def close_epoch(self, end_ms: int) -> EpochClose:
-        pool = emission_schedule(self.epoch) + self.carry
-        fees = dict(self.tally.fee)
-        emission = water_fill(pool, fees, fees)
-        emitted = sum(emission.values())
-        postings = [Posting(relay_account(k), v) for k, v in sorted(emission.items())]
-        self._post("emission", f"epoch:{self.epoch}", [*postings, Posting(MINT, -emitted)])
-        relays = set(self.tally.gross) | set(emission)
-        rewards = {}
-        for relay in relays:
-            self.earned[relay] += emission.get(relay, 0)
-        for relay in relays:
-            gross, fee = self.tally.gross[relay], self.tally.fee[relay]
-            rewards[relay] = RelayReward(
-                gross=gross,
-                fee=fee,
-                emission=emission.get(relay, 0),
-                net=gross - fee + emission.get(relay, 0),
-                paid_bytes=self.tally.bytes[relay],
-                cumulative=self.earned[relay],
-            )
-        close = EpochClose(
-            epoch=self.epoch,
-            start_ms=self.epoch_start_ms,
-            end_ms=end_ms,
-            rewards=rewards,
-            emission_pool=pool,
-            emitted=emitted,
-            carried=pool - emitted,
-            tree=MerkleTree.build(dict(self.earned)),
-        )
-        self.carry = pool - emitted
+        result = close(self.epoch, self.epoch_start_ms, end_ms, self.carry, self.tally, self.earned)
+        self._post("emission", f"epoch:{self.epoch}", result.postings)
+        self.earned.update(result.earned)
+        self.carry = result.carried
         self.epoch += 1
         self.epoch_start_ms = end_ms
-        self.tally = _EpochTally()
-        return close
+        self.tally = EpochTally()
+        return result
 
 
 def water_fill(

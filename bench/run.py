@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHES = ["connect", "receipts", "routing"]
+BENCHES = ["connect", "receipts", "routing", "ingest"]
 
 
 def run(name: str, quick: bool, out_dir: Path) -> dict[str, object]:

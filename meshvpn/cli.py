@@ -223,12 +223,24 @@ def cmd_relay(args: argparse.Namespace) -> int:
         fixed=tuple((k, values.get(k)) for k in RELAY_FIXED),
         metrics=metrics,
         mesh=mesh,
+        accounting_key=_accounting_key(args.accounting_key),
     )
     try:
         agent = RelayAgent(opts)
     except ValueError as exc:
         raise LocalError(str(exc)) from None
     return _run_agent(agent.run())
+
+
+def _accounting_key(text: str | None) -> PublicKey | None:
+    if text is None:
+        return None
+    try:
+        return PublicKey.from_b64(text)
+    except ValueError:
+        raise LocalError(
+            "bad --accounting-key", "give the service's identity key (`meshvpn id`)"
+        ) from None
 
 
 def cmd_admit(args: argparse.Namespace) -> int:
@@ -757,6 +769,11 @@ def _add_relay_parser(sub: Any) -> None:  # noqa: ANN401 - argparse's private ac
         metavar="PORT",
         help="UDP port of the first mesh link; link n listens on PORT+n (default: %(default)s)",
     )
+    g.add_argument(
+        "--accounting-key",
+        metavar="KEY",
+        help="serve only clients this accounting service vouches for (credit notices)",
+    )
     p.set_defaults(func=cmd_relay)
 
 
@@ -933,6 +950,10 @@ def build_parser() -> argparse.ArgumentParser:
     from meshvpn.lab.nodes import add_lab_parsers  # noqa: PLC0415
 
     add_lab_parsers(sub, cmd_lab, cmd_demo)
+
+    from accounting.cli import add_parsers as add_accounting_parsers  # noqa: PLC0415
+
+    add_accounting_parsers(sub)  # `accounting ...` and `earnings ...`
     return parser
 
 

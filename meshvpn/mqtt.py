@@ -34,6 +34,21 @@ Handler = Callable[[str, bytes], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """A QoS 1 message the receiver acknowledges itself, once it has made it durable.
+
+    ``ack`` sends the PUBACK; after a reconnect it does nothing, and the broker
+    (persistent session) delivers the message again."""
+
+    topic: str
+    payload: bytes
+    ack: Callable[[], None]
+
+
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+
+
 class _Reconnect(aiomqtt.MqttError):
     """Raised inside run() to leave the connection on purpose."""
 
@@ -79,9 +94,16 @@ class ControlLink:
         handler: Handler,
         will: WillMessage | None = None,
         on_connect: Hook | None = None,
+        persistent_id: str | None = None,
+        on_delivery: DeliveryHandler | None = None,
     ) -> None:
+        """``persistent_id``: a fixed client id and a persistent session, so the broker
+        queues QoS 1 messages while we are away. ``on_delivery``: manual acks, messages
+        go there instead of ``handler`` and count as delivered only once acked."""
         self.broker = broker
-        self.client_id = f"{name}-{os.urandom(4).hex()}"
+        self.client_id = persistent_id or f"{name}-{os.urandom(4).hex()}"
+        self.persistent = persistent_id is not None
+        self.on_delivery = on_delivery
         self.subscriptions = subscriptions
         self.handler = handler
         self.will = will
@@ -98,7 +120,7 @@ class ControlLink:
             if self.will
             else None
         )
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.broker.host,
             self.broker.port,
             identifier=self.client_id,
@@ -106,7 +128,19 @@ class ControlLink:
             keepalive=KEEPALIVE,
             timeout=5,
             max_queued_incoming_messages=MAX_QUEUED_IN,
+            clean_session=False if self.persistent else None,
         )
+        if self.on_delivery is not None:
+            # aiomqtt has no switch for paho's manual acks yet (aiomqtt issue #345)
+            client._client.manual_ack_set(True)  # noqa: SLF001, FBT003
+        return client
+
+    def _acker(self, client: aiomqtt.Client, message: aiomqtt.Message) -> Callable[[], None]:
+        def ack() -> None:
+            if self._client is client and message.qos > 0:
+                client._client.ack(message.mid, message.qos)  # noqa: SLF001 - see _new_client
+
+        return ack
 
     async def run(self) -> None:
         """Forever: connect, serve, and on any broker trouble wait and retry."""
@@ -167,6 +201,12 @@ class ControlLink:
             payload = message.payload
             data = payload if isinstance(payload, bytes | bytearray) else b""
             try:
+                if self.on_delivery is not None:
+                    delivery = Delivery(
+                        str(message.topic), bytes(data), self._acker(client, message)
+                    )
+                    await self.on_delivery(delivery)
+                    continue
                 await self.handler(str(message.topic), bytes(data))
             except Exception:  # hostile input must never take the agent down
                 self.handler_errors += 1

@@ -33,6 +33,8 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+from accounting.credit import TOPIC_FILTER as CREDIT_TOPICS
+from accounting.credit import TOPIC_PREFIX as CREDIT_PREFIX
 from accounting.exchange import CHANNEL_PORT
 from meshvpn import __version__
 from meshvpn.agent import DEFAULT_POOL, TUNNEL_MTU, Agent, CommonOptions
@@ -41,7 +43,7 @@ from meshvpn.directory import ANNOUNCE_PREFIX, announce_topic, reply_topic, sess
 from meshvpn.errors import LocalError
 from meshvpn.footprint import nft_apply, write_sysctl
 from meshvpn.handshake import accept_request
-from meshvpn.identity import PublicKey, client_mesh_address
+from meshvpn.identity import PublicKey, client_mesh_address, node_id_of
 from meshvpn.messages import (
     ROLE_ENTRY,
     ROLE_EXIT,
@@ -50,6 +52,8 @@ from meshvpn.messages import (
     Announcement,
     LinkRequest,
     MessageError,
+    SessionGrant,
+    SessionRequest,
     sign,
 )
 from meshvpn.mqtt import BrokerAddress, ControlLink, WillMessage
@@ -57,6 +61,7 @@ from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeResponder
 from meshvpn.wireguard.model import Endpoint, PeerSpec
 from relay.controls import Loader, OperatorControls
+from relay.credit import NO_CREDIT, CreditGate
 from relay.exit import (
     DEFAULT_EXIT_POLICY,
     ExitPolicy,
@@ -97,6 +102,7 @@ class RelayOptions(CommonOptions):
     fixed: tuple[tuple[str, Any], ...] = ()  # settings only a restart changes, as loaded
     metrics: tuple[str, int] | None = None  # serve Prometheus metrics here
     mesh: MeshOptions | None = None  # links to other relays: relay/mesh.py
+    accounting_key: PublicKey | None = None  # serve only clients it vouches for: relay/credit.py
 
     @property
     def probe(self) -> int:
@@ -160,6 +166,7 @@ class RelayAgent(Agent):
         self._last_issued = 0
         self._peers_changed = asyncio.Event()
         self.mesh: Mesh | None = None
+        self.credit = CreditGate(opts.accounting_key) if opts.accounting_key else None
         self.control.handlers["admit"] = self._op_admit
         self.control.handlers["release"] = self._op_release
         self.control.handlers["reload"] = self._op_reload
@@ -304,6 +311,8 @@ class RelayAgent(Agent):
         ]
         if self.opts.broker is not None:
             subscriptions = [(session_topic(self.identity.node_id), 1)]
+            if self.credit is not None:
+                subscriptions.append((CREDIT_TOPICS, 1))
             if self.mesh is not None:
                 subscriptions.append((f"{ANNOUNCE_PREFIX}+", 1))
             self.link = ControlLink(
@@ -420,6 +429,9 @@ class RelayAgent(Agent):
             )
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
+        if self.credit is not None and topic.startswith(CREDIT_PREFIX):
+            await self._on_credit_notice(topic, payload)
+            return
         if self.mesh is not None:
             if topic.startswith(ANNOUNCE_PREFIX):
                 self.mesh.on_announcement(topic, payload)
@@ -447,6 +459,11 @@ class RelayAgent(Agent):
             wire = received.answer(link_grant, self.identity.identity_key)
             await self.link.publish(reply_topic(received.request.reply_token), wire)
             return
+        refusal = self._credit_refusal(received.request, received.client_identity, now)
+        if refusal is not None:
+            wire = received.answer(refusal, self.identity.identity_key)
+            await self.link.publish(reply_topic(received.request.reply_token), wire)
+            return
         decision = self.book.decide(
             received.request, received.client_identity, received.ephemeral, os.urandom(16), now
         )
@@ -471,6 +488,31 @@ class RelayAgent(Agent):
             )
         wire = received.answer(decision.grant, self.identity.identity_key)
         await self.link.publish(reply_topic(received.request.reply_token), wire)
+
+    # ---- credit (relay/credit.py): the accounting service says whom to serve
+
+    def _credit_refusal(
+        self, request: SessionRequest, client: PublicKey, now: int
+    ) -> SessionGrant | None:
+        if self.credit is None:
+            return None
+        refusal = self.credit.refusal(
+            request, client, self.identity.wireguard_public, self.opts.price_per_gib, now
+        )
+        if refusal is not None:
+            log.info("refused client %s…: %s", client.b64[:8], NO_CREDIT)
+        return refusal
+
+    async def _on_credit_notice(self, topic: str, payload: bytes) -> None:
+        assert self.credit is not None  # noqa: S101 - only subscribed with a gate
+        exhausted = self.credit.on_notice(topic, payload)
+        if exhausted is None:
+            return
+        for key, session in list(self.book.sessions.items()):
+            if node_id_of(session.client_identity) == exhausted:
+                self.credit.counters["cut-off"] += 1
+                log.warning("cut off client %s…: %s", session.client_identity.b64[:8], NO_CREDIT)
+                await self._cut_off(key, NO_CREDIT, abusive=False)
 
     async def _expire_sessions(self) -> None:
         while True:
@@ -557,6 +599,10 @@ class RelayAgent(Agent):
             "endpoint": str(self.opts.endpoint) if self.opts.endpoint else None,
             "probes": {"answered": self.probes.answered, "dropped": dict(self.probes.dropped)},
             "counters": dict(self.counters),
+            "credit": dict(self.credit.counters) if self.credit else None,
+            "credit_clients": sorted(c for c, n in self.credit.book.notices.items() if n.ok)
+            if self.credit
+            else None,
             "receipts": self.desk.summary(),
             "sharing": self.controls.status(),
             "peers": peers,

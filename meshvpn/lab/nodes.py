@@ -93,6 +93,60 @@ def start_broker(lab: Lab) -> int:
     raise LocalError(f"the lab's broker did not start: {' '.join(tail) or 'no log'}")
 
 
+def start_accounting(
+    lab: Lab, epoch_seconds: float = 5.0, *extra: str, name: str = "accounting"
+) -> tuple[str, int]:
+    """`meshvpn accounting serve` in the broker's namespace, its ledger in SQLite in its
+    state dir (node ``name``); returns its identity key (for relays' --accounting-key)
+    and its pid."""
+    from meshvpn.identity import init_identity  # noqa: PLC0415
+
+    sd = node_state_dir(lab, name)
+    identity, _ = init_identity(sd)
+    argv = meshvpn_argv(
+        "accounting", "serve", "--broker", broker_address(lab), "--state-dir", str(sd),
+        "--epoch-seconds", str(epoch_seconds), *extra,
+    )  # fmt: skip
+    log = sd / "accounting.log"
+    started = log.stat().st_size if log.exists() else 0
+    pid = lab.spawn("broker", argv, log=log)
+    deadline = time.monotonic() + AGENT_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if (sd / "ledger.db").exists() and "accounting mv" in _tail(log, started, 1000):
+            return identity.identity_public.b64, pid
+        if not _pid_alive(pid):
+            break
+        time.sleep(0.1)
+    raise LocalError(f"the accounting service did not start: {_tail(sd / 'accounting.log')}")
+
+
+def _tail(path: Path, since: int = 0, lines: int = 2) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(since)
+            text = fh.read().decode(errors="replace")
+        return " ".join(text.strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def accounting(lab: Lab, *args: str, name: str = "accounting") -> str:
+    """Run `meshvpn accounting ARGS` against the lab's ledger; return stdout."""
+    argv = meshvpn_argv("accounting", *args, "--state-dir", str(node_state_dir(lab, name)))
+    proc = lab.exec("broker", argv, check=False, timeout=60)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise LocalError(f"meshvpn accounting {args[0]} failed: {err[-1] if err else '?'}")
+    return proc.stdout.decode()
+
+
+def deposit(lab: Lab, node: str, amount: int) -> None:
+    """Credit a lab node's client account (`meshvpn accounting deposit`)."""
+    meshvpn(lab, node, "init")
+    node_id = json.loads(meshvpn(lab, node, "id", "--json"))["node_id"]
+    accounting(lab, "deposit", node_id, str(amount))
+
+
 def relay_endpoint(lab: Lab, index: int) -> str:
     """What clients dial: the relay's public (latency) address if it has one, else its WAN."""
     relay = lab.plan.relay(index)
@@ -265,20 +319,49 @@ class Download:
             self.proc.communicate()
 
 
-def up(prefix: str, relays: int, clients: int, latency_ms: list[float] | None = None) -> Lab:
-    """The whole lab: network, broker, announcing relays, clients that discover them."""
+LAB_EPOCH_S = 30.0
+LAB_CREDIT = 10**9  # token units per client: about 1000 GiB at the default price
+
+
+def up(
+    prefix: str,
+    relays: int,
+    clients: int,
+    latency_ms: list[float] | None = None,
+    with_accounting: bool = False,
+) -> Lab:
+    """The whole lab: network, broker, announcing relays, clients that discover them;
+    with accounting, the service too, relays that ask it, and clients with credit."""
     lab = Lab(prefix)
     lab.up(relays, clients, latency_ms=latency_ms)
     try:
         start_broker(lab)
+        extra: list[str] = []
+        if with_accounting:
+            extra = ["--accounting-key", start_accounting(lab, LAB_EPOCH_S)[0]]
         for i in range(1, relays + 1):
-            start_relay(lab, i, broker=True)
+            start_relay(lab, i, *extra, broker=True)
         for j in range(1, clients + 1):
+            if with_accounting:
+                deposit(lab, f"client{j}", LAB_CREDIT)
+                wait_for_credit(lab, f"client{j}", relays)
             discover_and_connect(lab, j)
     except BaseException:
         lab.down()
         raise
     return lab
+
+
+def wait_for_credit(lab: Lab, node: str, relays: int, timeout: float = 15) -> None:
+    """Until every relay holds a credit notice for the client (they refuse it before)."""
+    node_id = json.loads(meshvpn(lab, node, "id", "--json"))["node_id"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = [node_status(lab, f"relay{i}") for i in range(1, relays + 1)]
+        if all(s and node_id in (s.get("credit_clients") or []) for s in states):
+            return
+        time.sleep(0.2)
+    raise LocalError(f"the relays heard no credit notice for {node} within {timeout:g} s")
 
 
 # ---- CLI -------------------------------------------------------------------
@@ -302,6 +385,8 @@ def _parse_latency(text: str | None, relays: int) -> list[float] | None:
 
 def _describe(lab: Lab) -> None:
     print(f"  broker   {broker_address(lab)} (mosquitto) in `broker`")
+    if (node_state_dir(lab, "accounting") / "ledger.db").exists():
+        print(f"  accounting in `broker`, state {node_state_dir(lab, 'accounting')}")
     for r in lab.plan.relays:
         extra = f", {r.latency_ms:g} ms away at {r.public_addr}" if r.latency_ms is not None else ""
         print(f"  {r.name:<8} WAN {r.wan_addr}  LAN {r.lan_net}{extra}")
@@ -314,7 +399,13 @@ def _describe(lab: Lab) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     if args.lab_command == "up":
-        lab = up(args.prefix, args.relays, args.clients, _parse_latency(args.latency, args.relays))
+        lab = up(
+            args.prefix,
+            args.relays,
+            args.clients,
+            _parse_latency(args.latency, args.relays),
+            with_accounting=args.accounting,
+        )
         print(f"lab {args.prefix} is up: {args.relays} relay(s), {args.clients} client(s)")
         _describe(lab)
         print(
@@ -446,6 +537,12 @@ def add_lab_parsers(
         "--latency",
         metavar="MS,MS,...",
         help="round-trip latency added in front of each relay, e.g. 40,10,25 (default: none)",
+    )
+    p.add_argument(
+        "--accounting",
+        action="store_true",
+        help="also run the accounting service (epochs of 30 s); relays serve only clients"
+        " with credit, and every client gets a deposit",
     )
     p = lab_sub.add_parser("status", parents=[common], help="namespaces and agents of the lab")
     p.add_argument("--json", action="store_true")

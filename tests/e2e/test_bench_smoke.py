@@ -24,8 +24,10 @@ def test_bench_quick_runs_and_reports(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((tmp_path / "latest.json").read_text())
-    assert set(results) == {"connect", "receipts", "routing"}
+    assert set(results) == {"connect", "receipts", "routing", "ingest"}
     assert results["connect"]["discovery_warm"]["runs"] == 1
     assert results["receipts"]["receipt_sign"]["median_per_s"] > 0
     assert results["routing"]["mesh30_flowing_after_death"]["runs"] == 1
+    assert results["ingest"]["sqlite_ingest"]["median_per_s"] > 0
+    assert results["ingest"]["postgresql_book"]["median_per_s"] > 0  # ./run starts PostgreSQL
     assert "| connect |" in (tmp_path / "latest.md").read_text()

@@ -8,6 +8,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 import accounting.epochs  # noqa: F401 - registers EpochStatement for any_message
+from accounting.credit import CREDIT_EXHAUSTED, CREDIT_OK, CreditNotice
 from accounting.receipts import Receipt
 from meshvpn.identity import PublicKey
 from meshvpn.messages import (
@@ -81,4 +82,6 @@ def messages(draw: st.DrawFn, cls: type[Message]) -> Message:
     if cls is SessionGrant:
         values["status"] = draw(st.sampled_from(sorted(STATUS_NAMES)))
         values["tunnel_prefix"] = draw(st.integers(0, 32))
+    if cls is CreditNotice:
+        values["status"] = draw(st.sampled_from([CREDIT_OK, CREDIT_EXHAUSTED]))
     return cls(**values)

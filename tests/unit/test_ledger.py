@@ -106,7 +106,7 @@ def test_stream_invariants(
     for session, (total, price, _path, client) in truth.items():
         cost = total * price // GIB
         assert ledger.sessions[session].cost == cost
-        assert ledger.sessions[session].receipt.total_bytes == total
+        assert ledger.sessions[session].total_bytes == total
         paid_by_client[client_account(client.ed25519_public())] = (
             paid_by_client.get(client_account(client.ed25519_public()), 0) + cost
         )

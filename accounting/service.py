@@ -1,0 +1,337 @@
+"""The accounting service: ``meshvpn accounting serve``.
+
+Theory of operation
+-------------------
+A thin asyncio layer around ``accounting.store`` (which persists what the
+pure ``accounting.ledger`` decides). It holds an identity of its own (the
+Ed25519 key in its state directory signs epoch statements, earnings reports
+and credit notices) and one broker connection with a *persistent session*
+(fixed client id, clean_session off) and *manual acknowledgements*:
+
+- ``meshvpn/v1/receipts/+`` (QoS 1): countersigned bundles from relays,
+  at-least-once. Messages are taken in batches; each bundle is verified
+  (client signature and every relay's countersignature), the batch is
+  booked in one transaction, and only then is every message of it
+  acknowledged. A crash before the commit leaves the messages unacknowledged,
+  so the broker delivers them again, and booking is idempotent. While the
+  service is down, the broker queues for it.
+- ``meshvpn/v1/announce/+`` (retained): a verified announcement makes its
+  signer a known relay. Clients become known by a deposit. Receipts naming
+  a party not known yet are parked and booked once parties change.
+
+Every ``--epoch-seconds`` the current epoch closes (one transaction:
+emission, Merkle tree, signed ``EpochStatement``, per-relay rewards with
+proofs). The statement is published retained on
+``meshvpn/v1/epochs/<accounting node id>``, and each relay's signed earnings
+report (``accounting.earnings``) on ``meshvpn/v1/earnings/<relay node id>``,
+refreshed while its pending epoch grows. Credit: client balances are
+checked every second; when a client's status changes (ok <-> exhausted),
+a signed ``CreditNotice`` goes out retained on its credit topic, which
+relays with our key act on. On start everything retained is published again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import functools
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, ParamSpec, TypeVar
+
+from accounting import credit, earnings
+from accounting.epochs import sign_statement
+from accounting.ledger import Booking, EpochClose, Outcome, relay_account
+from accounting.receipts import ReceiptBundle
+from accounting.store import RELAY, Ingest, Store
+from meshvpn.agent import StateLock
+from meshvpn.clock import now_ms
+from meshvpn.directory import ANNOUNCE_PREFIX
+from meshvpn.identity import Identity, PublicKey, init_identity, mesh_address_of, node_id_of
+from meshvpn.messages import Announcement, MessageError, sign, verify
+from meshvpn.mqtt import BrokerAddress, ControlLink, Delivery
+
+log = logging.getLogger("meshvpn.accounting")
+P = ParamSpec("P")
+T = TypeVar("T")
+
+RECEIPTS_PREFIX: Final = "meshvpn/v1/receipts/"
+EPOCHS_PREFIX: Final = "meshvpn/v1/epochs/"
+BATCH: Final = 64  # below mosquitto's 100 in-flight messages per client
+RETRY_S: Final = 1.0
+CREDIT_CHECK_S: Final = 1.0
+REPORT_S: Final = 2.0
+
+
+def epochs_topic(accounting_node_id: str) -> str:
+    return EPOCHS_PREFIX + accounting_node_id
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    state_dir: Path
+    broker: BrokerAddress
+    db_url: str | None = None
+    epoch_seconds: float = 3600.0
+
+
+def relay_of_announcement(wire: bytes) -> PublicKey:
+    """The relay a signed announcement proves (expired or not: the key is what counts)."""
+    signed = verify(wire, Announcement)
+    ann = signed.message
+    assert isinstance(ann, Announcement)  # noqa: S101 - verify() checked the type
+    if ann.mesh_address != mesh_address_of(signed.signer).packed:
+        raise MessageError("malformed", "mesh address is not the signer's")
+    return signed.signer
+
+
+def decode_all(wires: list[bytes]) -> list[Ingest]:
+    out = []
+    for wire in wires:
+        try:
+            out.append(Ingest(ReceiptBundle.decode(wire)))
+        except MessageError as exc:
+            out.append(Ingest(None, exc.reason))
+    return out
+
+
+class AccountingService:
+    def __init__(self, opts: ServiceOptions) -> None:
+        self.opts = opts
+        self.identity: Identity = init_identity(opts.state_dir)[0]
+        self.lock = StateLock(opts.state_dir)
+        self.store = Store.open(opts.db_url, opts.state_dir)
+        self._db_thread = concurrent.futures.ThreadPoolExecutor(1, "ledger")
+        self.inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._logged: set[str] = set()
+        self._dirty: set[PublicKey] = set()  # relays whose pending tally changed
+        self._credit: dict[str, int] = {}  # client -> status last published
+        self._parties = -1  # number of parties at the last unpark
+        self._republish = asyncio.Event()
+        self.link = ControlLink(
+            opts.broker,
+            name="accounting",
+            subscriptions=[(RECEIPTS_PREFIX + "+", 1), (ANNOUNCE_PREFIX + "+", 1)],
+            handler=self._unused,
+            persistent_id=f"accounting-{self.identity.node_id}",
+            on_delivery=self.inbox.put,
+            on_connect=self._connected,
+        )
+
+    async def _db(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a store call on the one database thread: calls never interleave, so one
+        task's transaction never sees (or breaks) another's, and the loop is free."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db_thread, functools.partial(fn, *args, **kwargs))
+
+    async def _unused(self, _topic: str, _payload: bytes) -> None:
+        raise AssertionError("deliveries go to the inbox")
+
+    async def _connected(self) -> None:
+        self._republish.set()
+
+    # ---- running
+
+    async def run(self) -> None:
+        self.lock.acquire()
+        self.store.set_epoch_start(now_ms())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "accounting %s: ledger %s, epochs of %g s, broker %s",
+            self.identity.node_id,
+            self.opts.db_url or self.opts.state_dir / "ledger.db",
+            self.opts.epoch_seconds,
+            self.opts.broker,
+        )
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                jobs = [
+                    tasks.create_task(j)
+                    for j in (
+                        self.link.run(),
+                        self._book_loop(),
+                        self._epoch_loop(),
+                        self._credit_loop(),
+                        self._report_loop(),
+                    )
+                ]
+                await stop.wait()
+                log.info("stopping")
+                for job in jobs:
+                    job.cancel()
+        finally:
+            self._db_thread.shutdown(wait=True)
+            self.store.close()
+            self.lock.release()
+
+    def _once(self, reason: str, message: str) -> None:
+        self.counters[reason] += 1
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("%s; further ones are only counted", message)
+
+    # ---- receipts and announcements
+
+    async def _book_loop(self) -> None:
+        while True:
+            batch = [await self.inbox.get()]
+            while len(batch) < BATCH and not self.inbox.empty():
+                batch.append(self.inbox.get_nowait())
+            while True:
+                try:
+                    await self._process(batch)
+                    break
+                except Exception:  # the database went away: keep the batch, unacknowledged
+                    log.exception("booking failed; retrying in %g s", RETRY_S)
+                    await asyncio.sleep(RETRY_S)
+            for delivery in batch:
+                delivery.ack()
+
+    async def _process(self, batch: list[Delivery]) -> None:
+        receipts: list[bytes] = []
+        for d in batch:
+            if d.topic.startswith(RECEIPTS_PREFIX):
+                receipts.append(d.payload)
+            elif d.topic.startswith(ANNOUNCE_PREFIX) and d.payload:
+                await self._on_announcement(d.payload)
+        if not receipts:
+            return
+        bookings = await self._db(self._ingest, receipts)
+        for booking in bookings:
+            self.counters[booking.outcome.value] += 1
+            if booking.outcome is Outcome.REJECTED:
+                self._once(f"rejected:{booking.reason}", f"rejected a receipt ({booking.reason})")
+            elif booking.outcome is Outcome.BOOKED and booking.session is not None:
+                self._dirty.update(booking.session.path)
+
+    def _ingest(self, wires: list[bytes]) -> list[Booking]:
+        return self.store.book(decode_all(wires), now_ms())
+
+    async def _on_announcement(self, wire: bytes) -> None:
+        try:
+            relay = relay_of_announcement(wire)
+        except MessageError as exc:
+            self._once(f"announcement:{exc.reason}", f"ignored an announcement ({exc.reason})")
+            return
+        if await self._db(self.store.register, relay, RELAY, now_ms()):
+            log.info("relay %s is known now", node_id_of(relay))
+
+    # ---- epochs and earnings
+
+    def _sign(self, close: EpochClose) -> bytes:
+        return sign_statement(close, self.identity.identity_key)
+
+    async def _epoch_loop(self) -> None:
+        period_ms = int(self.opts.epoch_seconds * 1000)
+        while True:
+            epoch, start_ms = await self._db(self.store.current_epoch)
+            due = start_ms + period_ms
+            now = now_ms()
+            if now < due:
+                await asyncio.sleep(min((due - now) / 1000, 1.0))
+                continue
+            close, statement = await self._db(self.store.close_epoch, due, self._sign)
+            log.info(
+                "epoch %d closed: %d relay(s) rewarded, %d emitted, %d carried, root %s",
+                epoch,
+                len(close.rewards),
+                close.emitted,
+                close.carried,
+                close.tree.root.hex()[:16],
+            )
+            await self._publish_epoch(statement)
+            self._dirty.update(close.earned)
+
+    async def _publish_epoch(self, statement: bytes) -> None:
+        await self.link.publish(epochs_topic(self.identity.node_id), statement, retain=True)
+
+    def _reports(self, relays: set[PublicKey]) -> list[tuple[str, bytes]]:
+        statements = {e.epoch: e.statement for e in self.store.epochs()}
+        out = []
+        for relay in sorted(relays):
+            report = earnings.build_report(
+                self.identity.identity_public,
+                relay,
+                self.store.balance(relay_account(relay)),
+                self.store.pending(relay),
+                self.store.rewards(relay),
+                statements,
+                now_ms(),
+            )
+            wire = earnings.sign_report(report, self.identity.identity_key)
+            out.append((earnings.earnings_topic(node_id_of(relay)), wire))
+        return out
+
+    async def _report_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._republish.wait(), REPORT_S)
+            if not self.link.connected.is_set():
+                continue
+            if self._republish.is_set():
+                self._republish.clear()
+                self._credit.clear()  # every notice goes out again
+                epochs = await self._db(self.store.epochs)
+                if epochs:
+                    await self._publish_epoch(epochs[-1].statement)
+                self._dirty.update(await self._db(self.store.relays))
+            relays, self._dirty = self._dirty, set()
+            if not relays:
+                continue
+            for topic, wire in await self._db(self._reports, relays):
+                if not await self.link.publish(topic, wire, retain=True):
+                    self._dirty.update(relays)  # not connected: next time
+                    break
+
+    # ---- credit
+
+    async def _credit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CREDIT_CHECK_S)
+            parties = await self._db(self._party_count)
+            if parties != self._parties:
+                self._parties = parties
+                while await self._db(self._unpark):
+                    pass
+            if not self.link.connected.is_set():
+                continue
+            balances = await self._db(self.store.client_balances)
+            now = now_ms()
+            for client, balance in sorted(balances.items()):
+                notice = credit.notice_for(client, balance, now)
+                if self._credit.get(client) == notice.status:
+                    continue
+                wire = sign(notice, self.identity.identity_key)
+                if await self.link.publish(credit.credit_topic(client), wire, retain=True):
+                    self._credit[client] = notice.status
+                    log.info(
+                        "client %s: credit %s (balance %d)",
+                        client,
+                        "ok" if notice.ok else "EXHAUSTED: relays cut it off",
+                        balance,
+                    )
+
+    def _party_count(self) -> int:
+        return len(self.store.parties("client")) + len(self.store.parties(RELAY))
+
+    def _unpark(self) -> bool:
+        """Book parked receipts again; True if some got booked (there may be more)."""
+        if not self.store.parked_count():
+            return False
+        bookings = self.store.unpark(now_ms())
+        booked = [b for b in bookings if b.outcome is Outcome.BOOKED]
+        for b in booked:
+            if b.session is not None:
+                self._dirty.update(b.session.path)
+        if booked:
+            log.info("booked %d parked receipt(s)", len(booked))
+        return bool(booked)

@@ -1,0 +1,134 @@
+"""A receipt flood for the accounting service, run inside a lab namespace as a script.
+
+python flood_tool.py parties SEED FILE                  -> write the parties (JSON) to FILE
+python flood_tool.py flood HOST PORT SEED COUNT RATE    -> announce the relays, then publish
+
+Everything follows from SEED: the relays' and clients' keys, the sessions,
+and the order of COUNT receipt bundles (cumulative, with duplicates and
+receipts out of order, as at-least-once delivery produces), so two runs
+publish the very same stream. The relays announce themselves (retained) the
+way real ones do; the bundles go to each exit relay's receipts topic at
+about RATE per second, each one acknowledged by the broker (QoS 1).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import random
+import sys
+import time
+
+import paho.mqtt.client as mqtt
+
+from accounting.receipts import GIB, Receipt, ReceiptBundle, sign_receipt
+from meshvpn.directory import announce_topic
+from meshvpn.identity import PrivateKey, node_id_of
+from meshvpn.messages import ROLE_ENTRY, ROLE_EXIT, Announcement, sign
+
+RELAYS, CLIENTS, SESSIONS = 3, 4, 24
+
+
+def keys(seed: int) -> tuple[list[PrivateKey], list[PrivateKey]]:
+    rng = random.Random(seed)
+    relays = [PrivateKey(rng.randbytes(32)) for _ in range(RELAYS)]
+    clients = [PrivateKey(rng.randbytes(32)) for _ in range(CLIENTS)]
+    return relays, clients
+
+
+def parties(seed: int) -> dict[str, list[str]]:
+    relays, clients = keys(seed)
+    return {
+        "relays": [node_id_of(k.ed25519_public()) for k in relays],
+        "clients": [node_id_of(k.ed25519_public()) for k in clients],
+    }
+
+
+def stream(seed: int, count: int) -> list[tuple[str, bytes]]:
+    """(topic, bundle) in publishing order."""
+    relays, clients = keys(seed)
+    rng = random.Random(seed + 1)
+    sessions = []
+    for _ in range(SESSIONS):
+        path = rng.sample(relays, rng.randint(1, 2))
+        sessions.append((rng.randbytes(16), rng.choice(clients), path, rng.choice([1, 10**6])))
+    state = {s[0]: [0, 0, 0] for s in sessions}  # up, down, seq
+    out: list[tuple[str, bytes]] = []
+    while len(out) < count:
+        session_id, client, path, price = rng.choice(sessions)
+        up_down_seq = state[session_id]
+        up_down_seq[0] += rng.randint(0, 1 << 20)
+        up_down_seq[1] += rng.randint(0, GIB // 8)
+        up_down_seq[2] += 1
+        receipt = Receipt(
+            session_id=session_id,
+            client=client.ed25519_public(),
+            path=tuple(k.ed25519_public() for k in path),
+            bytes_up=up_down_seq[0],
+            bytes_down=up_down_seq[1],
+            price_per_gib=price,
+            seq=up_down_seq[2],
+            started_ms=1_800_000_000_000,
+            issued_ms=1_800_000_000_000 + up_down_seq[2],
+        )
+        bundle = ReceiptBundle.from_client(sign_receipt(receipt, client))
+        for relay in path:
+            bundle = bundle.add_countersignature(relay)
+        topic = f"meshvpn/v1/receipts/{node_id_of(path[-1].ed25519_public())}"
+        out.append((topic, bundle.encode()))
+        if out and rng.random() < 0.1:  # a resend of an older one: duplicate or stale
+            out.append(rng.choice(out))
+    return out[:count]
+
+
+def announcement(key: PrivateKey, index: int) -> bytes:
+    from meshvpn.identity import mesh_address_of  # noqa: PLC0415
+
+    now = int(time.time() * 1000)
+    ann = Announcement(
+        wireguard_key=PrivateKey(bytes([index + 1]) * 32).x25519_public(),
+        control_key=PrivateKey(bytes([index + 101]) * 32).x25519_public(),
+        endpoints=((ipaddress.ip_address(f"198.51.100.{10 + index}"), 51820),),
+        probe_port=51821,
+        mesh_address=mesh_address_of(key.ed25519_public()).packed,
+        roles=ROLE_ENTRY | ROLE_EXIT,
+        geohash="u33d",
+        price_per_gib=10**6,
+        capacity=100,
+        load=0,
+        version="flood",
+        issued_ms=now,
+        expires_ms=now + 3_600_000,
+    )
+    return sign(ann, key)
+
+
+def flood(host: str, port: int, seed: int, count: int, rate: float) -> int:
+    relays, _ = keys(seed)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.max_queued_messages_set(0)
+    client.connect(host, port)
+    client.loop_start()
+    for i, relay in enumerate(relays):
+        topic = announce_topic(node_id_of(relay.ed25519_public()))
+        client.publish(topic, announcement(relay, i), qos=1, retain=True).wait_for_publish(10)
+    started = time.monotonic()
+    items = stream(seed, count)
+    for i, (topic, wire) in enumerate(items):
+        info = client.publish(topic, wire, qos=1)
+        info.wait_for_publish(30)
+        lag = started + (i + 1) / rate - time.monotonic()
+        if lag > 0:
+            time.sleep(lag)
+    client.loop_stop()
+    client.disconnect()
+    return len(items)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "parties":
+        with open(sys.argv[3], "w") as fh:  # noqa: PTH123
+            json.dump(parties(int(sys.argv[2])), fh)
+    else:
+        _, _, host, port, seed, count, rate = sys.argv
+        print(flood(host, int(port), int(seed), int(count), float(rate)))
