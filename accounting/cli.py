@@ -72,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         broker=BrokerAddress.parse(args.broker),
         db_url=args.db,
         epoch_seconds=args.epoch_seconds,
+        verify_workers=args.verify_workers,
     )
     asyncio.run(AccountingService(opts).run())
     return 0
@@ -333,6 +334,13 @@ def add_parsers(sub: Any) -> None:  # noqa: ANN401 - argparse's private _SubPars
         default=3600.0,
         metavar="N",
         help="length of an epoch (default: %(default)s)",
+    )
+    p.add_argument(
+        "--verify-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes verifying receipts (default: one per core; 1: in the service itself)",
     )
     p.set_defaults(func=cmd_serve)
     p = acct_sub.add_parser(

@@ -38,13 +38,15 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import multiprocessing
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, ParamSpec, TypeVar
 
-from accounting import credit, earnings
+from accounting import booked, credit, earnings
 from accounting.epochs import sign_statement
 from accounting.ledger import Booking, EpochClose, Outcome, relay_account
 from accounting.receipts import ReceiptBundle
@@ -62,7 +64,8 @@ T = TypeVar("T")
 
 RECEIPTS_PREFIX: Final = "meshvpn/v1/receipts/"
 EPOCHS_PREFIX: Final = "meshvpn/v1/epochs/"
-BATCH: Final = 64  # below mosquitto's 100 in-flight messages per client
+BATCH: Final = 48  # two batches in the pipeline stay below mosquitto's 100 in flight
+PIPELINE: Final = 2  # batches taken from the broker and not yet acknowledged
 RETRY_S: Final = 1.0
 CREDIT_CHECK_S: Final = 1.0
 REPORT_S: Final = 2.0
@@ -78,6 +81,7 @@ class ServiceOptions:
     broker: BrokerAddress
     db_url: str | None = None
     epoch_seconds: float = 3600.0
+    verify_workers: int | None = None  # processes verifying receipts; None: one per core
 
 
 def relay_of_announcement(wire: bytes) -> PublicKey:
@@ -100,9 +104,28 @@ def decode_all(wires: list[bytes]) -> list[Ingest]:
     return out
 
 
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) or 1
+
+
+def verify_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor | None:
+    """Processes that verify receipts (two Ed25519 checks per bundle: CPU-bound, so the
+    GIL rules out threads); None for one worker (verify in the service's own process).
+    Spawned, not forked: the service has threads by then."""
+    if workers <= 1:
+        return None
+    return concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"))
+
+
+async def _joined(parts: list[asyncio.Future[list[Ingest]]]) -> list[Ingest]:
+    return [item for part in await asyncio.gather(*parts) for item in part]
+
+
 class AccountingService:
     def __init__(self, opts: ServiceOptions) -> None:
         self.opts = opts
+        self.workers = opts.verify_workers if opts.verify_workers is not None else cpu_count()
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self.identity: Identity = init_identity(opts.state_dir)[0]
         self.lock = StateLock(opts.state_dir)
         self.store = Store.open(opts.db_url, opts.state_dir)
@@ -140,6 +163,7 @@ class AccountingService:
 
     async def run(self) -> None:
         self.lock.acquire()
+        self._pool = verify_pool(self.workers)
         self.store.set_epoch_start(now_ms())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -169,6 +193,8 @@ class AccountingService:
                 for job in jobs:
                     job.cancel()
         finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
             self._db_thread.shutdown(wait=True)
             self.store.close()
             self.lock.release()
@@ -182,13 +208,46 @@ class AccountingService:
     # ---- receipts and announcements
 
     async def _book_loop(self) -> None:
+        """Two stages, in inbox order: batches are verified in the process pool while
+        the one before is booked; a batch is acknowledged to the broker only once it is
+        committed (and the relays told what their ledger holds)."""
+        verified: asyncio.Queue[tuple[list[Delivery], asyncio.Future[list[Ingest]]]]
+        verified = asyncio.Queue(maxsize=PIPELINE - 1)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._verify_stage(verified))
+            tasks.create_task(self._book_stage(verified))
+
+    async def _verify_stage(
+        self, out: asyncio.Queue[tuple[list[Delivery], asyncio.Future[list[Ingest]]]]
+    ) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             batch = [await self.inbox.get()]
             while len(batch) < BATCH and not self.inbox.empty():
                 batch.append(self.inbox.get_nowait())
+            wires = [d.payload for d in batch if d.topic.startswith(RECEIPTS_PREFIX)]
+            future: asyncio.Future[list[Ingest]]
+            if self._pool is None or not wires:
+                future = loop.create_future()
+                future.set_result(decode_all(wires))
+            else:  # split over the workers: one batch uses every core
+                share = -(-len(wires) // self.workers)
+                parts = [
+                    loop.run_in_executor(self._pool, decode_all, wires[i : i + share])
+                    for i in range(0, len(wires), share)
+                ]
+                future = asyncio.ensure_future(_joined(parts))
+            await out.put((batch, future))
+
+    async def _book_stage(
+        self, inbox: asyncio.Queue[tuple[list[Delivery], asyncio.Future[list[Ingest]]]]
+    ) -> None:
+        while True:
+            batch, future = await inbox.get()
+            items = await future
             while True:
                 try:
-                    await self._process(batch)
+                    await self._process(batch, items)
                     break
                 except Exception:  # the database went away: keep the batch, unacknowledged
                     log.exception("booking failed; retrying in %g s", RETRY_S)
@@ -196,16 +255,17 @@ class AccountingService:
             for delivery in batch:
                 delivery.ack()
 
-    async def _process(self, batch: list[Delivery]) -> None:
-        receipts: list[bytes] = []
+    async def _process(self, batch: list[Delivery], items: list[Ingest]) -> None:
         for d in batch:
-            if d.topic.startswith(RECEIPTS_PREFIX):
-                receipts.append(d.payload)
-            elif d.topic.startswith(ANNOUNCE_PREFIX) and d.payload:
+            if d.topic.startswith(ANNOUNCE_PREFIX) and d.payload:
                 await self._on_announcement(d.payload)
-        if not receipts:
+        if not items:
             return
-        bookings = await self._db(self._ingest, receipts)
+        bookings = await self._db(self.store.book, items, now_ms())
+        self._tally(bookings)
+        await self._acknowledge(booked.covered(items, bookings))
+
+    def _tally(self, bookings: list[Booking]) -> None:
         for booking in bookings:
             self.counters[booking.outcome.value] += 1
             if booking.outcome is Outcome.REJECTED:
@@ -213,8 +273,15 @@ class AccountingService:
             elif booking.outcome is Outcome.BOOKED and booking.session is not None:
                 self._dirty.update(booking.session.path)
 
-    def _ingest(self, wires: list[bytes]) -> list[Booking]:
-        return self.store.book(decode_all(wires), now_ms())
+    async def _acknowledge(self, covered: dict[PublicKey, dict[bytes, int]]) -> None:
+        """Tell each relay what the ledger now holds of its sessions (accounting.booked).
+        Best effort: a relay that misses an ack sends the bundle again and is acked again."""
+        now = now_ms()
+        for relay, sessions in sorted(covered.items()):
+            for ack in booked.build_acks(relay, sessions, now):
+                wire = sign(ack, self.identity.identity_key)
+                if await self.link.publish(booked.booked_topic(node_id_of(relay)), wire):
+                    self.counters["booked-acks"] += 1
 
     async def _on_announcement(self, wire: bytes) -> None:
         try:
@@ -300,8 +367,8 @@ class AccountingService:
             parties = await self._db(self._party_count)
             if parties != self._parties:
                 self._parties = parties
-                while await self._db(self._unpark):
-                    pass
+                while done := await self._db(self._unpark):
+                    await self._acknowledge(done)
             if not self.link.connected.is_set():
                 continue
             balances = await self._db(self.store.client_balances)
@@ -323,15 +390,19 @@ class AccountingService:
     def _party_count(self) -> int:
         return len(self.store.parties("client")) + len(self.store.parties(RELAY))
 
-    def _unpark(self) -> bool:
-        """Book parked receipts again; True if some got booked (there may be more)."""
+    def _unpark(self) -> dict[PublicKey, dict[bytes, int]]:
+        """Book parked receipts again; what got booked, per relay (there may be more)."""
         if not self.store.parked_count():
-            return False
+            return {}
         bookings = self.store.unpark(now_ms())
-        booked = [b for b in bookings if b.outcome is Outcome.BOOKED]
-        for b in booked:
-            if b.session is not None:
+        done: dict[PublicKey, dict[bytes, int]] = collections.defaultdict(dict)
+        for b in bookings:
+            if b.outcome is Outcome.BOOKED and b.session is not None:
                 self._dirty.update(b.session.path)
-        if booked:
-            log.info("booked %d parked receipt(s)", len(booked))
-        return bool(booked)
+                for relay in b.session.path:
+                    done[relay][b.session_id] = b.session.seq
+        if done:
+            log.info(
+                "booked %d parked receipt(s)", sum(b.outcome is Outcome.BOOKED for b in bookings)
+            )
+        return dict(done)

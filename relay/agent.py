@@ -33,6 +33,8 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+from accounting.booked import TOPIC_PREFIX as BOOKED_PREFIX
+from accounting.booked import booked_topic
 from accounting.credit import TOPIC_FILTER as CREDIT_TOPICS
 from accounting.credit import TOPIC_PREFIX as CREDIT_PREFIX
 from accounting.exchange import CHANNEL_PORT
@@ -155,7 +157,7 @@ class RelayAgent(Agent):
         )
         self.manual: set[PublicKey] = set()
         self.leases_path = opts.state_dir / "leases.json"
-        self.desk = ReceiptDesk(self.identity, opts.state_dir / "receipts.db")
+        self.desk = ReceiptDesk(self.identity, opts.state_dir / "receipts.db", opts.accounting_key)
         self._load_leases()
         for session in self.book.sessions.values():
             self.desk.start(session)
@@ -313,6 +315,7 @@ class RelayAgent(Agent):
             subscriptions = [(session_topic(self.identity.node_id), 1)]
             if self.credit is not None:
                 subscriptions.append((CREDIT_TOPICS, 1))
+                subscriptions.append((booked_topic(self.identity.node_id), 1))
             if self.mesh is not None:
                 subscriptions.append((f"{ANNOUNCE_PREFIX}+", 1))
             self.link = ControlLink(
@@ -431,6 +434,9 @@ class RelayAgent(Agent):
     async def _on_message(self, topic: str, payload: bytes) -> None:
         if self.credit is not None and topic.startswith(CREDIT_PREFIX):
             await self._on_credit_notice(topic, payload)
+            return
+        if topic.startswith(BOOKED_PREFIX):
+            self.desk.on_booked(topic, payload)
             return
         if self.mesh is not None:
             if topic.startswith(ANNOUNCE_PREFIX):

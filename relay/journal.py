@@ -3,10 +3,12 @@
 SQLite in WAL mode with ``synchronous=FULL``: ``record`` returns only once the
 countersigned bundle is on disk, and the agent acknowledges the receipt to the
 client only after that. Delivery to accounting is at-least-once: ``pending``
-gives, per session, the newest bundle not yet handed to the broker (receipts
-are cumulative, so the newest supersedes every older one), and
-``mark_delivered`` is called after the broker acknowledged it (MQTT QoS 1). A
-crash between the two re-sends it, which the ledger ignores as a duplicate.
+gives, per session, the newest bundle not yet delivered (receipts are
+cumulative, so the newest supersedes every older one), and ``mark_delivered``
+is called once accounting's signed ``BookedAck`` covers it (or, on a relay
+without an accounting key, once the broker acknowledged the QoS 1 publish;
+``relay.delivery`` decides which). A crash between the two re-sends it, which
+the ledger ignores as a duplicate.
 
 The journal also keeps each session's metered byte totals, so a restarted
 relay goes on counting from where it was rather than from zero.
@@ -87,12 +89,15 @@ class Journal:
         ).fetchone()
         return int(row[0])
 
-    def mark_delivered(self, session_id: bytes, seq: int) -> None:
+    def mark_delivered(self, session_id: bytes, seq: int) -> int:
+        """Every bundle of the session up to ``seq`` is delivered; how many were not yet."""
         with self.db:
-            self.db.execute(
-                "UPDATE receipts SET delivered = 1 WHERE session_id = ? AND seq <= ?",
+            cur = self.db.execute(
+                "UPDATE receipts SET delivered = 1"
+                " WHERE session_id = ? AND seq <= ? AND delivered = 0",
                 (session_id, seq),
             )
+        return cur.rowcount
 
     def save_meter(self, session_id: bytes, counted: Counters) -> None:
         with self.db:

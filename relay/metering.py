@@ -5,7 +5,9 @@ session): it reads the WireGuard counters every ``READ_INTERVAL_S``, sends the
 statements the sessions ask for to the clients' tunnel addresses, takes
 receipts on UDP ``CHANNEL_PORT`` at the relay's tunnel gateway address,
 journals each countersigned bundle durably before acknowledging it, and hands
-the newest bundle per session to the broker (QoS 1) until the broker has it.
+the newest bundle per session to the broker (QoS 1) until accounting's signed
+``BookedAck`` covers it (``relay.delivery`` decides when to re-send; without
+an accounting key, until the broker has it).
 Python never touches the clients' packets; only WireGuard's counters.
 """
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
 
+from accounting.booked import read_ack
 from accounting.exchange import (
     CHANNEL_PORT,
     READ_INTERVAL_S,
@@ -37,8 +40,10 @@ from accounting.exchange import (
 from accounting.receipts import GIB
 from meshvpn.clock import now_ms
 from meshvpn.identity import Identity, PublicKey
+from meshvpn.messages import MessageError
 from meshvpn.mqtt import ControlLink
 from meshvpn.wireguard.backend import WireGuardDevice
+from relay.delivery import Courier
 from relay.journal import Journal
 from relay.sessions import Session
 
@@ -75,9 +80,13 @@ class _Channel(asyncio.DatagramProtocol):
 
 
 class ReceiptDesk:
-    def __init__(self, identity: Identity, journal_path: Path) -> None:
+    def __init__(
+        self, identity: Identity, journal_path: Path, accounting_key: PublicKey | None = None
+    ) -> None:
         self.identity = identity
         self.journal = Journal(journal_path)
+        self.accounting_key = accounting_key
+        self.courier = Courier(end_to_end=accounting_key is not None)
         self.open: dict[PublicKey, _Open] = {}
         self.by_address: dict[str, PublicKey] = {}
         self.counters: collections.Counter[str] = collections.Counter()
@@ -180,18 +189,38 @@ class ReceiptDesk:
                     self.journal.save_meter(held.session.session_id, held.exchange.counted)
 
     async def deliver(self, link: ControlLink | None) -> None:
-        """At-least-once to accounting: the newest bundle per session, until the broker has it."""
+        """At-least-once to accounting: the newest bundle per session, until accounting
+        acknowledges it (or, without an accounting key, until the broker has it)."""
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._deliver.wait(), FORWARD_INTERVAL_S)
             self._deliver.clear()
             if link is None or not link.connected.is_set():
                 continue
-            for item in self.journal.pending():
+            now = now_ms()
+            for item in self.courier.due(self.journal.pending(), now):
+                again = item.session_id in self.courier.attempts
                 if not await link.publish(receipts_topic(self.identity.node_id), item.bundle):
                     break
-                self.journal.mark_delivered(item.session_id, item.seq)
+                self.counters["resent" if again else "sent"] += 1
+                if self.courier.sent(item, now):
+                    self.journal.mark_delivered(item.session_id, item.seq)
+                    self.counters["delivered"] += 1
+
+    def on_booked(self, topic: str, wire: bytes) -> None:
+        """Accounting's ``BookedAck``: what it covers is delivered. Ignored without a key."""
+        if self.accounting_key is None:
+            return
+        try:
+            ack = read_ack(topic, wire, self.accounting_key, self.identity.identity_public)
+        except MessageError as exc:
+            self._reject(f"booked-ack:{exc.reason}", topic)
+            return
+        self.counters["booked-acks"] += 1
+        for session_id, seq in ack.sessions:
+            if self.journal.mark_delivered(session_id, seq):
                 self.counters["delivered"] += 1
+        self.courier.acked(ack.sessions)
 
     # ---- datagrams from clients
 
@@ -252,6 +281,7 @@ class ReceiptDesk:
     def summary(self) -> dict[str, Any]:
         return {
             "pending_delivery": self.journal.pending_count(),
+            "awaiting_booked_ack": self.courier.resends(),
             "cut_offs": self.cut_offs,
             **dict(self.counters),
         }

@@ -2,6 +2,8 @@
 
 python mqtt_tool.py retained HOST PORT TOPIC     -> hex of the retained payload ('' if none)
 python mqtt_tool.py publish HOST PORT FILE       -> publish [[topic, hex, retain], ...] from FILE
+python mqtt_tool.py clear HOST PORT CLIENT_ID    -> end CLIENT_ID's persistent session: the
+                                                    broker drops what it queued for it
 """
 
 from __future__ import annotations
@@ -55,9 +57,21 @@ def publish(host: str, port: int, path: str) -> int:
     return len(items)
 
 
+def clear(host: str, port: int, client_id: str) -> str:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    client.connect(host, port)
+    client.loop_start()
+    time.sleep(0.5)
+    client.loop_stop()
+    client.disconnect()
+    return client_id
+
+
 if __name__ == "__main__":
     cmd, host, port, arg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     if cmd == "retained":
         print(retained(host, port, arg))
+    elif cmd == "clear":
+        print(clear(host, port, arg))
     else:
         print(publish(host, port, arg))

@@ -22,7 +22,7 @@ import pytest
 from accounting.receipts import GIB, Receipt, ReceiptBundle
 from accounting.store import Store
 from meshvpn.agent import LOCK_NAME
-from meshvpn.identity import node_id_of
+from meshvpn.identity import init_identity, node_id_of
 from meshvpn.lab import Lab
 from meshvpn.lab.nodes import (
     accounting,
@@ -321,3 +321,71 @@ def test_kill_9_during_a_receipt_flood_changes_no_balance(make_lab: Any) -> None
         r = ReceiptBundle.decode(wire).receipt
         newest[r.session_id] = max(newest.get(r.session_id, 0), r.total_bytes)
     assert sessions == newest
+
+
+MQTT_TOOL = str(Path(__file__).with_name("mqtt_tool.py"))
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (the lab reaps its children only at teardown)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def relay_receipts(lab: Lab) -> dict[str, Any]:
+    status = node_status(lab, "relay1")
+    assert status is not None
+    receipts: dict[str, Any] = status["receipts"]
+    return receipts
+
+
+def test_final_receipts_survive_a_broker_that_drops_them(make_lab: Any) -> None:
+    """The service is stopped while the relay delivers, and the broker throws away what
+    it queued for it (its persistent session is cleared). The broker acknowledged every
+    publish, so only accounting's signed BookedAck can tell the relay to send again:
+    after the restart, every session is booked at its newest (final) receipt."""
+    lab = make_lab(1, 1)
+    start_broker(lab)
+    key, pid = start_accounting(lab, 3600)
+    start_relay(lab, 1, "--accounting-key", key, broker=True)
+    deposit(lab, "client1", DEPOSIT)
+    wait_for_credit(lab, "client1", 1)
+    discover_and_connect(lab, 1)
+    fetch(lab, "client1", "/bytes/4000000")
+
+    def booked_everything() -> bool:
+        held = booked_view(lab, "accounting")[1]
+        return bool(held) and all(
+            held.get(sid) == r.total_bytes for sid, r in journaled(lab, 1).items()
+        )
+
+    wait_for(booked_everything, 30, "the running service to book the first receipts")
+    assert relay_receipts(lab).get("booked-acks", 0) > 0, "the relay heard the service's acks"
+
+    os.kill(pid, signal.SIGTERM)  # a clean stop: its persistent session stays on the broker
+    wait_for(lambda: not running(pid), 20, "the service to stop")
+    before = booked_view(lab, "accounting")[1]
+    fetch(lab, "client1", "/bytes/8000000")
+    time.sleep(11)  # a statement interval: the last bytes get receipted
+    meshvpn(lab, "client1", "disconnect")  # the session's final receipt is the newest now
+    final = journaled(lab, 1)
+    assert any(before.get(sid) != r.total_bytes for sid, r in final.items()), "new receipts"
+    wait_for(lambda: relay_receipts(lab).get("sent", 0) + relay_receipts(lab).get("resent", 0)
+             > 0 and relay_receipts(lab)["awaiting_booked_ack"] > 0, 20,
+             "the relay to hand the final receipt to the broker")  # fmt: skip
+
+    # the broker forgets what it queued for the service
+    host, port = broker_address(lab).split(":")
+    ident = init_identity(node_state_dir(lab, "accounting"))[0].node_id
+    lab.exec("broker", [sys.executable, MQTT_TOOL, "clear", host, port, f"accounting-{ident}"])
+    assert relay_receipts(lab)["pending_delivery"] > 0, "a broker ack is not a delivery"
+
+    start_accounting(lab, 3600)
+    wait_for(booked_everything, 180, "every session's final receipt to be booked")
+    wait_for(lambda: relay_receipts(lab)["pending_delivery"] == 0, 30, "the relay to hear so")
+    assert relay_receipts(lab).get("resent", 0) > 0
+    held = booked_view(lab, "accounting")[1]
+    assert held == {sid: r.total_bytes for sid, r in final.items()}

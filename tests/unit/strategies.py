@@ -8,6 +8,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 import accounting.epochs  # noqa: F401 - registers EpochStatement for any_message
+from accounting.booked import BookedAck, SessionSeq
 from accounting.credit import CREDIT_EXHAUSTED, CREDIT_OK, CreditNotice
 from accounting.receipts import Receipt
 from meshvpn.identity import PublicKey
@@ -55,6 +56,8 @@ def for_field(spec: Field) -> st.SearchStrategy[Any]:
             st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address),
         )
         return st.tuples(addrs, st.integers(1, 65535))
+    if isinstance(spec, SessionSeq):
+        return st.tuples(st.binary(min_size=16, max_size=16), st.integers(0, 2**64 - 1))
     if isinstance(spec, ListOf):
         return st.lists(for_field(spec.item), max_size=spec.max_items).map(tuple)
     raise TypeError(spec)
@@ -82,6 +85,13 @@ def messages(draw: st.DrawFn, cls: type[Message]) -> Message:
     if cls is SessionGrant:
         values["status"] = draw(st.sampled_from(sorted(STATUS_NAMES)))
         values["tunnel_prefix"] = draw(st.integers(0, 32))
+    if cls is BookedAck:
+        sessions = draw(
+            st.dictionaries(
+                st.binary(min_size=16, max_size=16), st.integers(0, 2**64 - 1), max_size=128
+            )
+        )
+        values["sessions"] = tuple(sorted(sessions.items()))
     if cls is CreditNotice:
         values["status"] = draw(st.sampled_from([CREDIT_OK, CREDIT_EXHAUSTED]))
     return cls(**values)
