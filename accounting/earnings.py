@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from accounting.epochs import ClaimCheck, verify_claim
 from accounting.store import Pending, RewardRow
@@ -111,9 +110,7 @@ def open_report(wire: bytes, accounting_key: PublicKey | None = None) -> dict[st
     if accounting_key is not None and signer != accounting_key:
         raise MessageError("wrong-signer", "not signed by the accounting key given")
     try:
-        ed25519.Ed25519PublicKey.from_public_bytes(signer.raw).verify(
-            signature, REPORT_LABEL + canonical(report)
-        )
+        signer.ed25519_verify(signature, REPORT_LABEL + canonical(report))
     except (InvalidSignature, ValueError):
         raise MessageError("bad-signature", "the report's signature does not verify") from None
     return report

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from meshvpn.identity import PrivateKey, PublicKey
 from meshvpn.messages import (
@@ -183,9 +182,7 @@ class ReceiptBundle:
         signatures = tuple(sigs[i * 64 : (i + 1) * 64] for i in range(count))
         for relay, signature in zip(receipt.path, signatures, strict=False):
             try:
-                ed25519.Ed25519PublicKey.from_public_bytes(relay.raw).verify(
-                    signature, COUNTERSIGN_LABEL + receipt_wire
-                )
+                relay.ed25519_verify(signature, COUNTERSIGN_LABEL + receipt_wire)
             except (InvalidSignature, ValueError):
                 raise MessageError("bad-countersignature") from None
         return cls(receipt, receipt_wire, signatures)

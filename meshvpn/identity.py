@@ -70,6 +70,17 @@ class PublicKey:
     def __str__(self) -> str:
         return self.b64
 
+    def ed25519_verify(self, signature: bytes, data: bytes) -> None:
+        """Raise InvalidSignature (or ValueError for a non-key) unless it verifies."""
+        _ed25519_public(self.raw).verify(signature, data)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ed25519_public(raw: bytes) -> ed25519.Ed25519PublicKey:
+    # Parsing a key costs about as much as a verification; the same few
+    # thousand signers (relays, clients) come back all the time.
+    return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+
 
 @dataclass(frozen=True)
 class PrivateKey:

@@ -33,7 +33,6 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Final, Self
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from meshvpn.errors import RemoteError
 from meshvpn.identity import PrivateKey, PublicKey, mesh_address_of, node_id_of
@@ -509,9 +508,7 @@ def verify(wire: bytes, expect: type[Message] | None = None) -> Signed:
     head = wire[:-SIG_LEN]
     signer = PublicKey(head[-KEY_LEN:])
     try:
-        ed25519.Ed25519PublicKey.from_public_bytes(signer.raw).verify(
-            wire[-SIG_LEN:], _label(cls) + head
-        )
+        signer.ed25519_verify(wire[-SIG_LEN:], _label(cls) + head)
     except (InvalidSignature, ValueError):
         raise MessageError("bad-signature") from None
     message = cls.decode_body(head[HEADER.size : -KEY_LEN])
