@@ -71,7 +71,7 @@ def test_corrupt_key_is_a_config_error_without_the_content(tmp_path: Path, conte
 def test_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     init_identity(tmp_path)
     os.chmod(tmp_path / "wireguard.key", 0o644)  # noqa: PTH101
-    with pytest.raises(ConfigError, match="readable by other users"):
+    with pytest.raises(ConfigError, match="open to other users"):
         load_identity(tmp_path)
 
 
