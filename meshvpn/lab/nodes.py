@@ -14,6 +14,7 @@ with the functions behind ``meshvpn broker enroll`` and ``meshvpn init
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -26,12 +27,12 @@ from typing import Any
 
 from meshvpn import broker as brokerd
 from meshvpn import pki
-from meshvpn.errors import LocalError
+from meshvpn.errors import ConfigError, LocalError
 from meshvpn.identity import init_identity, load_identity
 from meshvpn.lab import netns
 from meshvpn.lab.lab import Lab
 from meshvpn.lab.topology import owns_netns
-from meshvpn.mqtt import install_enrollment
+from meshvpn.mqtt import install_enrollment, load_credentials
 
 RELAY_PORT = 51820
 LAB_INTERNET = "203.0.113.0/24"
@@ -92,13 +93,20 @@ def broker_ca(lab: Lab) -> Path:
 
 
 def enroll(lab: Lab, node: str, role: str = pki.ROLE_NODE) -> Path:
-    """Keys (if missing) and a broker certificate for ``node``; returns its state dir.
+    """Keys and a broker certificate in ``role`` for ``node``, unless it has them; its state dir.
 
     ``node`` need not be a namespace: any name gets a state dir (tests use
     ``accounting`` for a receipt reader)."""
     sd = node_state_dir(lab, node)
     identity, _ = init_identity(sd)
-    bundle = brokerd.enroll(broker_ca(lab), identity.identity_public, role)
+    ca_dir = broker_ca(lab)
+    with contextlib.suppress(ConfigError):
+        held = load_credentials(sd, identity, role).enrollment
+        if held.role == role and held.ca_fingerprint == pki.fingerprint(
+            (ca_dir / brokerd.CA_CERT).read_bytes()
+        ):
+            return sd  # enrolled already, in that role
+    bundle = brokerd.enroll(ca_dir, identity.identity_public, role)
     install_enrollment(sd, identity, bundle)
     return sd
 

@@ -4,7 +4,8 @@
 
     retained TOPIC           hex of the retained payload ('' if none)
     publish FILE             publish [[topic, hex, retain], ...] from FILE; print the PUBACK codes
-    watch SECONDS FILTER...  {"suback": [codes], "messages": [[topic, hex, retain], ...]}
+    watch STOPFILE FILTER... {"suback": [codes], "messages": [[topic, hex, retain], ...]}
+                             once STOPFILE exists (at most WATCH_MAX seconds)
     connect                  {"connack": code or null, "error": "..."}
     clear CLIENT_ID          end CLIENT_ID's persistent session: the broker drops what it
                              queued for it (any enrolled node can, knowing the id)
@@ -36,6 +37,7 @@ from meshvpn.identity import load_identity
 from meshvpn.mqtt import load_credentials
 
 CONNECT_WAIT = 5.0
+WATCH_MAX = 180.0
 
 
 def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -133,7 +135,7 @@ def publish(args: argparse.Namespace) -> str:
 
 
 def watch(args: argparse.Namespace) -> str:
-    seconds, filters = float(args.arg[0]), args.arg[1:]
+    stop, filters = Path(args.arg[0]), args.arg[1:]
     got: list[list[Any]] = []
     suback: list[int] = []
     subscribed = threading.Event()
@@ -155,7 +157,10 @@ def watch(args: argparse.Namespace) -> str:
     client.subscribe([(f, 1) for f in filters])
     subscribed.wait(5)
     print("subscribed", flush=True)  # the test starts its traffic now
-    time.sleep(seconds)
+    deadline = time.monotonic() + WATCH_MAX
+    while not stop.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # what was on its way when the test said stop
     client.loop_stop()
     client.disconnect()
     return json.dumps({"suback": suback, "messages": got})
