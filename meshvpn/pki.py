@@ -33,15 +33,17 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.utils import CryptographyDeprecationWarning
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 
 from meshvpn.identity import PrivateKey, PublicKey, node_id_of
 
@@ -243,9 +245,12 @@ def issue_client(
 
 def load_certificate(pem: bytes) -> x509.Certificate:
     try:
-        return x509.load_pem_x509_certificate(pem)
-    except ValueError:
-        raise CertificateError("not a PEM certificate") from None
+        with warnings.catch_warnings():
+            # what cryptography only warns about (a serial <= 0, ...) is refused here
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            return x509.load_pem_x509_certificate(pem)
+    except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning):
+        raise CertificateError("not a well-formed PEM certificate") from None
 
 
 def split_pem(text: bytes) -> list[bytes]:
@@ -277,6 +282,17 @@ def check_client(
     leaf_pem: bytes, ca_pem: bytes, identity_public: PublicKey, now: dt.datetime
 ) -> Enrollment:
     """Is ``leaf_pem`` this identity's valid certificate from that CA? CertificateError if not."""
+    try:
+        return _check_client(leaf_pem, ca_pem, identity_public, now)
+    except (ValueError, UnsupportedAlgorithm) as exc:  # parsed lazily: malformed inside
+        if isinstance(exc, CertificateError):
+            raise
+        raise CertificateError("malformed certificate") from None
+
+
+def _check_client(
+    leaf_pem: bytes, ca_pem: bytes, identity_public: PublicKey, now: dt.datetime
+) -> Enrollment:
     leaf, ca = load_certificate(leaf_pem), load_certificate(ca_pem)
     holder = _raw_public(leaf)
     if holder != identity_public:
@@ -284,6 +300,8 @@ def check_client(
         raise CertificateError(
             f"the certificate is for {whose}, not this node ({node_id_of(identity_public)})"
         )
+    if leaf.signature_algorithm_oid != SignatureAlgorithmOID.ED25519:
+        raise CertificateError("the certificate is not signed with Ed25519")
     ca_public = _raw_public(ca)
     if ca_public is None or leaf.issuer != ca.subject:
         raise CertificateError("the certificate was not issued by the CA that came with it")
