@@ -245,7 +245,7 @@ def ensure_server_cert(state_dir: Path, names: Sequence[str], now: dt.datetime) 
             current, expires = pki.server_names(pem), pki.not_after(pem)
         except pki.CertificateError:
             current = []
-    wanted = list(dict.fromkeys(names)) or current
+    wanted = list(dict.fromkeys(n for n in names if n)) or current  # "": unset in a unit file
     if not wanted:
         raise LocalError(
             "the broker's certificate needs the name or address clients dial",
@@ -323,7 +323,7 @@ def mosquitto_binary() -> str:
 
 def prepare(cfg: BrokerConfig, now: dt.datetime) -> Path:
     """Make the CA and certificates if needed, write the configuration; return its path."""
-    init_broker(cfg.state_dir, cfg.names or default_names(cfg.address), now)
+    init_broker(cfg.state_dir, [n for n in cfg.names if n] or default_names(cfg.address), now)
     try:
         if cfg.user != "root":
             shutil.chown(cfg.state_dir, cfg.user)

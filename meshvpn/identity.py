@@ -55,8 +55,9 @@ class PublicKey:
     def from_b64(cls, text: str) -> PublicKey:
         try:
             raw = base64.b64decode(text.strip(), validate=True)
-        except binascii.Error as exc:
-            raise ValueError(f"not base64: {text[:60]!r}") from exc
+        except binascii.Error:
+            # Not echoed: people paste the wrong key, and it may be a private one.
+            raise ValueError(f"not base64 ({len(text.strip())} characters)") from None
         return cls(raw)
 
     @property

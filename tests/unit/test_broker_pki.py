@@ -222,10 +222,15 @@ def test_broker_refuses_keys_open_to_others_and_missing_ca(tmp_path: Path) -> No
 
 
 def test_broker_without_a_name_says_which_flag(tmp_path: Path) -> None:
-    cfg = broker.BrokerConfig(tmp_path / "b", broker.ipaddress.ip_address("0.0.0.0"))  # noqa: S104
-    with pytest.raises(LocalError) as info:
-        broker.prepare(cfg, NOW)
-    assert "--name HOST" in info.value.one_line()
+    anywhere = broker.ipaddress.ip_address("0.0.0.0")  # noqa: S104
+    for names in ((), ("",)):  # "": MESHVPN_BROKER_NAME unset in the unit
+        cfg = broker.BrokerConfig(tmp_path / "b", anywhere, names=names)
+        with pytest.raises(LocalError) as info:
+            broker.prepare(cfg, NOW)
+        assert "--name HOST" in info.value.one_line()
+    cfg = broker.BrokerConfig(tmp_path / "b", anywhere, names=("", "broker.example"))
+    assert broker.prepare(cfg, NOW) == tmp_path / "b" / "mosquitto.conf"
+    assert (tmp_path / "b" / "acl").read_text() == broker.render_acl()
 
 
 def test_config_is_tls_only_with_client_certificates(tmp_path: Path) -> None:

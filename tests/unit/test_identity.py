@@ -115,3 +115,7 @@ def test_public_key_parsing() -> None:
     for bad in ("", "abc", "!!!!", base64.b64encode(b"x" * 31).decode()):
         with pytest.raises(ValueError):
             PublicKey.from_b64(bad)
+    secret = base64.b64encode(bytes(range(32))).decode()
+    with pytest.raises(ValueError) as info:
+        PublicKey.from_b64(secret[:-2] + "!=")  # a mistyped private key is not echoed
+    assert secret[:8] not in str(info.value)
