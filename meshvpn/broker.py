@@ -80,9 +80,11 @@ def render_acl() -> str:
 
     ``pattern`` lines apply to every authenticated client, ``%u`` being its
     username (the certificate's CN: a node id, or ``ACCOUNTING_USER``);
-    ``topic`` lines after ``user`` only to that user. Anything not granted is
-    denied: publishing is dropped (PUBACK "not authorized"), and a message on
-    a topic one may not read is never delivered, whatever one subscribed to.
+    ``topic`` lines after ``user`` only to that user. (mosquitto warns at every
+    start about patterns without ``%u``; ours are meant for everyone.) Anything
+    not granted is denied: a publish is dropped (PUBACK "not authorized"), and a
+    message on a topic one may not read is never delivered, whatever one
+    subscribed to.
     """
     root = TOPIC_ROOT
     return f"""\
@@ -135,6 +137,9 @@ keyfile {d / SERVER_KEY}
 tls_version tlsv1.3
 require_certificate true
 use_identity_as_username true
+# Without it Nagle holds TLS 1.3's session ticket back behind the client's delayed
+# ACK: 40 ms more for every connection (measured: 57 ms -> 3 ms to CONNACK on loopback).
+set_tcp_nodelay true
 max_connections 20000
 max_packet_size {MAX_PAYLOAD + 512}
 max_inflight_messages 100
