@@ -157,7 +157,9 @@ def test_a_node_cannot_write_another_nodes_topics(make_lab: Any) -> None:
         (announce_topic(relay_id), b"", True),  # or clear it, as its last will would
         (f"{ROOT}/receipts/{relay_id}", b"fake receipt", False),
         (f"{ROOT}/sync/{victim_client}/00", b"sync", False),
-        (f"{ROOT}/accounting/epoch", b"fake epoch", False),
+        (f"{ROOT}/booked/{relay_id}", b"fake ack", False),  # only accounting acks receipts
+        (f"{ROOT}/credit/{attacker}", b"fake credit", True),  # nor grants credit
+        (f"{ROOT}/epochs/{attacker}", b"fake epoch", True),
         (f"{ROOT}/announce/{relay_id}/x", b"under it", False),
         ("$SYS/broker/x", b"x", False),
     ]
