@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import secrets
+import ssl
 from pathlib import Path
 from typing import Any, Final
 
@@ -19,7 +20,7 @@ from meshvpn.clock import now_ms
 from meshvpn.errors import ConfigError, LocalError, RemoteError
 from meshvpn.identity import DEFAULT_STATE_DIR, PublicKey, load_identity, node_id_of
 from meshvpn.messages import MessageError
-from meshvpn.mqtt import BrokerAddress
+from meshvpn.mqtt import BrokerAddress, load_credentials
 
 DEFAULT_ACCOUNTING_DIR: Final = Path("/var/lib/meshvpn-accounting")
 EARNINGS_FILE: Final = "earnings.json"
@@ -131,11 +132,15 @@ def cmd_balances(args: argparse.Namespace) -> int:
 # ---- meshvpn earnings ...
 
 
-async def _fetch_retained(broker: BrokerAddress, topic: str, wait_s: float) -> bytes | None:
+async def _fetch_retained(
+    broker: BrokerAddress, topic: str, wait_s: float, tls: ssl.SSLContext
+) -> bytes | None:
     import aiomqtt  # noqa: PLC0415
 
     try:
-        async with aiomqtt.Client(broker.host, broker.port, timeout=wait_s) as client:
+        async with aiomqtt.Client(
+            broker.host, broker.port, timeout=wait_s, tls_context=tls
+        ) as client:
             await client.subscribe(topic, qos=1)
             async with asyncio.timeout(wait_s):
                 async for message in client.messages:
@@ -166,10 +171,16 @@ def cmd_earnings(args: argparse.Namespace) -> int:
         )
     node_id = args.relay or node_id_of(relay)  # type: ignore[arg-type]
     if not args.broker:
-        raise LocalError("earnings needs --broker", "e.g. --broker 203.0.113.2:1883")
-    wire = asyncio.run(
-        _fetch_retained(BrokerAddress.parse(args.broker), earnings_topic(node_id), args.timeout)
-    )
+        raise LocalError("earnings needs --broker", "e.g. --broker 203.0.113.2:8883")
+    if relay is None:
+        raise ConfigError(
+            f"no node identity in {args.state_dir}",
+            "the broker admits enrolled nodes only: give an enrolled node's --state-dir",
+        )
+    broker = BrokerAddress.parse(args.broker)
+    sd = Path(args.state_dir)
+    tls = load_credentials(sd, load_identity(sd), role=None).context(broker.host)
+    wire = asyncio.run(_fetch_retained(broker, earnings_topic(node_id), args.timeout, tls))
     if wire is None:
         raise RemoteError(
             f"no earnings report for {node_id} on the broker",

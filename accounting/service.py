@@ -56,7 +56,14 @@ from meshvpn.clock import now_ms
 from meshvpn.directory import ANNOUNCE_PREFIX
 from meshvpn.identity import Identity, PublicKey, init_identity, mesh_address_of, node_id_of
 from meshvpn.messages import Announcement, MessageError, sign, verify
-from meshvpn.mqtt import BrokerAddress, ControlLink, Delivery
+from meshvpn.mqtt import (
+    BrokerAddress,
+    ControlLink,
+    Delivery,
+    load_credentials,
+    persistent_client_id,
+)
+from meshvpn.pki import ROLE_ACCOUNTING
 
 log = logging.getLogger("meshvpn.accounting")
 P = ParamSpec("P")
@@ -127,6 +134,8 @@ class AccountingService:
         self.workers = opts.verify_workers if opts.verify_workers is not None else cpu_count()
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self.identity: Identity = init_identity(opts.state_dir)[0]
+        # before anything else: its certificate, from `meshvpn broker enroll KEY --role accounting`
+        credentials = load_credentials(opts.state_dir, self.identity, ROLE_ACCOUNTING)
         self.lock = StateLock(opts.state_dir)
         self.store = Store.open(opts.db_url, opts.state_dir)
         self._db_thread = concurrent.futures.ThreadPoolExecutor(1, "ledger")
@@ -140,9 +149,10 @@ class AccountingService:
         self.link = ControlLink(
             opts.broker,
             name="accounting",
+            tls=credentials.context(opts.broker.host),
             subscriptions=[(RECEIPTS_PREFIX + "+", 1), (ANNOUNCE_PREFIX + "+", 1)],
             handler=self._unused,
-            persistent_id=f"accounting-{self.identity.node_id}",
+            persistent_id=persistent_client_id("accounting", self.identity.identity_key),
             on_delivery=self.inbox.put,
             on_connect=self._connected,
         )

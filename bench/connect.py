@@ -20,6 +20,7 @@ from pathlib import Path
 from meshvpn.lab import Lab
 from meshvpn.lab.nodes import (
     broker_address,
+    enroll,
     meshvpn,
     meshvpn_argv,
     node_ifname,
@@ -37,7 +38,7 @@ def timed_connect(lab: Lab, client: int, how: str) -> float:
     command's own start-up but none of the lab's.
     """
     node = f"client{client}"
-    meshvpn(lab, node, "init")
+    enroll(lab, node)  # keys, and a certificate for the TLS-only broker
     sd = str(node_state_dir(lab, node))
     argv = ["connect", "--state-dir", sd, "--interface", node_ifname(lab, node)]
     if how == "hand":

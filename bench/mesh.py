@@ -30,6 +30,7 @@ from meshvpn.lab import Lab
 from meshvpn.lab.nodes import (
     Download,
     broker_address,
+    enroll,
     meshvpn,
     meshvpn_argv,
     node_id,
@@ -114,7 +115,7 @@ def main() -> int:
     with Lab(f"bm{int(time.time()) % 10000}") as lab:
         lab.up(RELAYS, 1)
         start_broker(lab)
-        meshvpn(lab, "client1", "init")
+        enroll(lab, "client1")  # keys, and a certificate for the TLS-only broker
         started = start_mesh_ring(lab, ring)
         ids = {i: s["node_id"] for i, s in started.items()}
         ids[7] = node_id(lab, "relay7")

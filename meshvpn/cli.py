@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import ipaddress
 import json
 import logging
@@ -71,9 +72,28 @@ def cmd_init(args: argparse.Namespace) -> int:
     identity, created = init_identity(_state_dir(args))
     for name in created:
         print(f"created {_state_dir(args) / name}")
-    if not created:
+    if not created and args.enroll is None:
         print(f"keys already present in {_state_dir(args)}; nothing changed")
     print(f"node id: {identity.node_id}")
+    print(f"identity key: {identity.identity_public.b64}")
+    if args.enroll is not None:
+        from meshvpn.mqtt import install_enrollment  # noqa: PLC0415
+
+        path = Path(args.enroll)
+        try:
+            bundle = path.read_bytes()
+        except OSError as exc:
+            raise LocalError(f"cannot read {path}: {exc.strerror}") from None
+        enrolled = install_enrollment(_state_dir(args), identity, bundle)
+        print(
+            f"enrolled as {enrolled.username} ({enrolled.role}) until"
+            f" {enrolled.not_after:%Y-%m-%d}; broker CA sha256 {enrolled.ca_fingerprint}"
+        )
+    else:
+        print(
+            "to use a broker: `meshvpn broker enroll <identity key>` on the broker,"
+            " then `meshvpn init --enroll FILE` here"
+        )
     return 0
 
 
@@ -276,7 +296,7 @@ def _connect_options(args: argparse.Namespace) -> Any:  # noqa: ANN401
     if broker is None and None in manual:
         raise LocalError(
             "connect needs --broker, or all of --relay, --relay-key and --address",
-            "e.g. `meshvpn connect --broker 203.0.113.2:1883`",
+            "e.g. `meshvpn connect --broker 203.0.113.2:8883`",
         )
     relay_key = address = None
     if args.relay_key is not None:
@@ -321,7 +341,12 @@ def cmd_connect(args: argparse.Namespace) -> int:
     opts = _connect_options(args)
     if args.foreground:
         return _run_agent(ClientAgent(opts).run())
-    load_identity(opts.state_dir)  # fail here, in the user's terminal, if keys are bad
+    # Fail here, in the user's terminal, if keys or the broker certificate are bad.
+    identity = load_identity(opts.state_dir)
+    if opts.broker is not None:
+        from meshvpn.mqtt import load_credentials  # noqa: PLC0415
+
+        load_credentials(opts.state_dir, identity)
     return _run_detached(opts, opts.handshake_timeout + 15)
 
 
@@ -571,19 +596,41 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from meshvpn.broker import BrokerConfig, default_state_dir, run_broker  # noqa: PLC0415
+    from meshvpn import broker  # noqa: PLC0415
 
+    state_dir = Path(args.state_dir) if args.state_dir else broker.default_state_dir()
+    state_dir = state_dir.absolute()
+    if args.broker_command == "init":
+        names = broker.init_broker(state_dir, args.name or [], dt.datetime.now(dt.UTC))
+        _, ca_pem = broker.load_ca(state_dir)
+        from meshvpn.pki import fingerprint  # noqa: PLC0415
+
+        print(f"broker CA in {state_dir}, sha256 {fingerprint(ca_pem)}")
+        print(f"server certificate for {', '.join(names)}")
+        return 0
+    if args.broker_command == "enroll":
+        try:
+            key = PublicKey.from_b64(args.identity_key)
+        except ValueError as exc:
+            raise LocalError(
+                f"bad identity key: {exc}", "give the node's identity key (`meshvpn id`)"
+            ) from None
+        bundle = broker.enroll(state_dir, key, args.role, days=args.days)
+        if args.out is None:
+            sys.stdout.write(bundle.decode())
+        else:
+            Path(args.out).write_bytes(bundle)
+            print(f"wrote {args.out}; on the node: `meshvpn init --enroll {args.out}`")
+        return 0
     host, _, port = args.listen.rpartition(":")
     try:
         address = ipaddress.ip_address(host.strip("[]"))
-        cfg = BrokerConfig(
-            Path(args.state_dir) if args.state_dir else default_state_dir(), address, int(port)
-        )
+        cfg = broker.BrokerConfig(state_dir, address, int(port), names=tuple(args.name or ()))
     except ValueError:
         raise LocalError(
-            f"bad --listen {args.listen!r}", "give addr:port, e.g. 0.0.0.0:1883"
+            f"bad --listen {args.listen!r}", "give addr:port, e.g. 0.0.0.0:8883"
         ) from None
-    return run_broker(cfg)
+    return broker.run_broker(cfg)
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
@@ -689,7 +736,10 @@ def _add_relay_parser(sub: Any) -> None:  # noqa: ANN401 - argparse's private ac
     )
     g = p.add_argument_group("discovery (with --broker)")
     g.add_argument(
-        "--broker", metavar="HOST:PORT", help="announce on this MQTT broker, take session requests"
+        "--broker",
+        metavar="HOST:PORT",
+        help="announce on this MQTT broker (TLS, port 8883 by default; needs `init --enroll`),"
+        " take session requests",
     )
     g.add_argument("--endpoint", metavar="HOST:PORT", help="the address clients dial (announced)")
     g.add_argument(
@@ -788,7 +838,12 @@ def _add_connect_parser(sub: Any) -> None:  # noqa: ANN401
     )
     _add_agent_flags(p)
     g = p.add_argument_group("discovery")
-    g.add_argument("--broker", metavar="HOST:PORT", help="the MQTT broker relays announce on")
+    g.add_argument(
+        "--broker",
+        metavar="HOST:PORT",
+        help="the MQTT broker relays announce on (TLS, port 8883 by default;"
+        " needs `init --enroll`)",
+    )
     g.add_argument(
         "--near",
         metavar="GEOHASH",
@@ -851,6 +906,53 @@ def _add_connect_parser(sub: Any) -> None:  # noqa: ANN401
     p.set_defaults(func=cmd_connect)
 
 
+def _add_broker_parser(sub: Any) -> None:  # noqa: ANN401
+    from meshvpn.pki import CLIENT_DAYS, ROLE_NODE, ROLES  # noqa: PLC0415
+
+    p = sub.add_parser(
+        "broker",
+        help="run an MQTT broker (mosquitto) configured for meshvpn; enroll nodes on it",
+        description="Without a subcommand: run mosquitto in the foreground, TLS 1.3 only, every"
+        " client authenticated by a certificate from this broker's CA and held to its own"
+        " topics. The CA and the server certificate are made on first use.",
+    )
+    state_help = "the broker's CA, certificates, config and persistence"
+    state_help += " (default: $MESHVPN_BROKER_DIR or /var/lib/meshvpn/broker)"
+    p.add_argument("--state-dir", default=None, help=state_help)
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8883",
+        metavar="ADDR:PORT",
+        help="where to listen (default: %(default)s)",
+    )
+    name_help = "a host name or address clients dial, for the server certificate (repeatable;"
+    name_help += " default: the listen address, or the names already certified)"
+    p.add_argument("--name", action="append", metavar="HOST", help=name_help)
+    bsub = p.add_subparsers(dest="broker_command", metavar="BROKER_COMMAND")
+    q = bsub.add_parser(
+        "init", help="make the CA (if missing) and the server certificate, without running"
+    )
+    q.add_argument("--state-dir", default=argparse.SUPPRESS, help=state_help)
+    q.add_argument(
+        "--name", action="append", default=argparse.SUPPRESS, metavar="HOST", help=name_help
+    )
+    q = bsub.add_parser(
+        "enroll",
+        help="certify a node's identity key; prints the file for `meshvpn init --enroll`",
+    )
+    q.add_argument("identity_key", metavar="IDENTITY_KEY", help="the node's `identity key`")
+    q.add_argument(
+        "--role",
+        choices=ROLES,
+        default=ROLE_NODE,
+        help="node (relay or client), or accounting (reads every receipt) (default: %(default)s)",
+    )
+    q.add_argument("--days", type=int, default=CLIENT_DAYS, help="validity (default: %(default)s)")
+    q.add_argument("--out", metavar="FILE", help="write the file here instead of stdout")
+    q.add_argument("--state-dir", default=argparse.SUPPRESS, help=state_help)
+    p.set_defaults(func=cmd_broker)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshvpn",
@@ -864,6 +966,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="create this node's keys (never overwrites)")
     _add_state_dir(p)
+    p.add_argument(
+        "--enroll",
+        metavar="FILE",
+        help="install the broker certificate `meshvpn broker enroll` made for this node",
+    )
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("id", help="print the node id and public keys")
@@ -897,22 +1004,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(func=cmd_down)
 
-    p = sub.add_parser(
-        "broker",
-        help="run an MQTT broker (mosquitto) configured for meshvpn, in the foreground",
-    )
-    p.add_argument(
-        "--listen",
-        default="127.0.0.1:1883",
-        metavar="ADDR:PORT",
-        help="where to listen (default: %(default)s)",
-    )
-    p.add_argument(
-        "--state-dir",
-        default=None,
-        help="persistence and config (default: /var/lib/meshvpn/broker)",
-    )
-    p.set_defaults(func=cmd_broker)
+    _add_broker_parser(sub)
 
     p = sub.add_parser(
         "config", help="the TOML configuration", description="Check the configuration file."

@@ -68,7 +68,7 @@ from meshvpn.killswitch import (
     set_allowed,
 )
 from meshvpn.messages import ROLE_MESH, STATUS_NAMES, MessageError, SessionGrant, SessionRequest
-from meshvpn.mqtt import BrokerAddress, ControlLink
+from meshvpn.mqtt import BrokerAddress, ControlLink, load_credentials
 from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeSent, check_reply, make_request, reply_nonce
 from meshvpn.tunnel import DEFAULT_FWMARK, full_tunnel
@@ -235,6 +235,10 @@ class ClientAgent(Agent):
         self._pending: dict[str, asyncio.Future[bytes]] = {}
         self._rejections_logged: set[str] = set()
         self.rtts: dict[str, float] = {}
+        # Before anything touches the host: a node that is not enrolled stops here.
+        self.credentials = (
+            load_credentials(opts.state_dir, self.identity) if opts.broker is not None else None
+        )
 
     # ---- finding a relay
 
@@ -256,7 +260,7 @@ class ClientAgent(Agent):
             # Before the broker connection or a probe: from here on only what the
             # lockdown lets out leaves the host (meshvpn.killswitch).
             address = await address_of(broker.host, "broker")
-            broker = BrokerAddress(str(address), broker.port)
+            broker = dataclasses.replace(broker, dial=str(address))
             allowed = Allowed(broker=frozenset({(address, broker.port)}))
             await lock_down(
                 self.footprint,
@@ -266,9 +270,11 @@ class ClientAgent(Agent):
                 opts.allow_lan,
                 access=opts.access_ifname if opts.multihop else None,
             )
+        assert self.credentials is not None  # noqa: S101 - loaded in __init__ with --broker
         self.link = ControlLink(
             broker,
             name=f"client-{self.identity.node_id}",
+            tls=self.credentials.context(broker.host),
             # QoS 0: announcements are refreshed anyway, and QoS 0 is not held
             # back by the broker's in-flight window when thousands are retained.
             subscriptions=[(ANNOUNCE_PREFIX + "+", 0)],
@@ -278,8 +284,9 @@ class ClientAgent(Agent):
         try:
             await asyncio.wait_for(self.link.connected.wait(), self.opts.handshake_timeout)
         except TimeoutError:
+            why = f" ({self.link.last_error})" if self.link.last_error else ""
             raise RemoteError(
-                f"broker {opts.broker} is unreachable",
+                f"broker {opts.broker} is unreachable{why}",
                 "check the address (--broker host:port) and that the broker runs",
             ) from None
         await self._gather()
@@ -315,7 +322,7 @@ class ClientAgent(Agent):
         does, the directory is complete, with no guessing at quiet periods.
         """
         assert self.link is not None  # noqa: S101 - only with a broker
-        topic = sync_topic(os.urandom(8))
+        topic = sync_topic(self.identity.node_id, os.urandom(16))
         echoed: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[topic] = echoed
         try:
@@ -458,7 +465,7 @@ class ClientAgent(Agent):
             ann.control_key,
             request,
         )
-        topic = reply_topic(request.reply_token)
+        topic = reply_topic(self.identity.node_id, request.reply_token)
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[topic] = answer
         try:

@@ -36,13 +36,15 @@ def session_topic(node_id: str) -> str:
     return f"{TOPIC_ROOT}/session/{node_id}"
 
 
-def reply_topic(token: bytes) -> str:
-    return f"{TOPIC_ROOT}/reply/{token.hex()}"
+def reply_topic(client_id: str, token: bytes) -> str:
+    """Where a relay's grant goes: under the client's node id, so the broker's ACL
+    lets only that client read it, and a fresh random token per request."""
+    return f"{TOPIC_ROOT}/reply/{client_id}/{token.hex()}"
 
 
-def sync_topic(token: bytes) -> str:
+def sync_topic(node_id: str, token: bytes) -> str:
     """A client's own topic, to learn when the broker has sent all retained messages."""
-    return f"{TOPIC_ROOT}/sync/{token.hex()}"
+    return f"{TOPIC_ROOT}/sync/{node_id}/{token.hex()}"
 
 
 @dataclass(frozen=True)

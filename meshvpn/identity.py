@@ -55,8 +55,9 @@ class PublicKey:
     def from_b64(cls, text: str) -> PublicKey:
         try:
             raw = base64.b64decode(text.strip(), validate=True)
-        except binascii.Error as exc:
-            raise ValueError(f"not base64: {text[:60]!r}") from exc
+        except binascii.Error:
+            # Not echoed: people paste the wrong key, and it may be a private one.
+            raise ValueError(f"not base64 ({len(text.strip())} characters)") from None
         return cls(raw)
 
     @property
@@ -220,7 +221,7 @@ def ensure_state_dir(state_dir: Path) -> None:
         ) from exc
 
 
-def _write_new_key(path: Path, key: PrivateKey) -> bool:
+def write_new_key(path: Path, key: PrivateKey) -> bool:
     """Write a key only if none exists; returns True if written."""
     if path.exists():
         return False
@@ -247,7 +248,7 @@ def init_identity(state_dir: Path) -> tuple[Identity, list[str]]:
     created = []
     try:
         for name, make in makers.items():
-            if _write_new_key(state_dir / name, make()):
+            if write_new_key(state_dir / name, make()):
                 created.append(name)
     except OSError as exc:
         raise LocalError(
@@ -257,19 +258,25 @@ def init_identity(state_dir: Path) -> tuple[Identity, list[str]]:
     return load_identity(state_dir), created
 
 
-def _read_key(path: Path) -> PrivateKey:
-    hint_init = f"run `meshvpn init --state-dir {path.parent}` first"
+def check_private(path: Path, st: os.stat_result) -> None:
+    """Refuse a secret file that anyone but its owner may read or write."""
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"key file {path} is open to other users (mode {stat.S_IMODE(st.st_mode):04o})",
+            f"run `chmod 600 {path}` and consider the key exposed",
+        )
+
+
+def read_key(path: Path, hint_missing: str = "") -> PrivateKey:
+    """One key file in our format (one line of base64), refused unless it is private."""
+    hint_init = hint_missing or f"run `meshvpn init --state-dir {path.parent}` first"
     try:
         st = path.stat()
     except FileNotFoundError:
         raise ConfigError(f"no key file {path}", hint_init) from None
     except OSError as exc:
         raise ConfigError(f"cannot read key file {path}: {_os_reason(exc)}") from exc
-    if st.st_mode & 0o077:
-        raise ConfigError(
-            f"key file {path} is readable by other users (mode {stat.S_IMODE(st.st_mode):04o})",
-            f"run `chmod 600 {path}` and consider the key exposed",
-        )
+    check_private(path, st)
     data = path.read_bytes()
     try:
         raw = base64.b64decode(data.strip(), validate=True)
@@ -289,7 +296,7 @@ def load_identity(state_dir: Path) -> Identity:
             f"run `meshvpn init --state-dir {state_dir}` first",
         )
     return Identity(
-        identity_key=_read_key(state_dir / "identity.key"),
-        wireguard_key=_read_key(state_dir / "wireguard.key"),
-        control_key=_read_key(state_dir / "control.key"),
+        identity_key=read_key(state_dir / "identity.key"),
+        wireguard_key=read_key(state_dir / "wireguard.key"),
+        control_key=read_key(state_dir / "control.key"),
     )

@@ -7,21 +7,33 @@ backoff for as long as the agent runs. Nothing on the data plane waits for
 it: publishing while disconnected returns False and the caller moves on.
 
 Only plain MQTT 3.1.1 features are used (QoS 0/1, retained messages, last
-will), so mosquitto, EMQX or VerneMQ all serve.
+will), over TLS 1.3 with a client certificate, so mosquitto, EMQX or VerneMQ
+all serve. The certificate comes from ``meshvpn broker enroll`` and certifies
+the node's own Ed25519 identity key (see ``meshvpn.pki``); it sits in the state
+directory as ``broker.crt``, with the CA that vouches for the broker in
+``broker-ca.crt``. The private half is the identity key itself, handed to
+OpenSSL through an anonymous memory file, so it exists on disk only once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import hashlib
 import logging
 import os
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 import aiomqtt
 
-from meshvpn.errors import LocalError
+from meshvpn import pki
+from meshvpn.errors import ConfigError, LocalError
+from meshvpn.identity import Identity, PrivateKey
 
 log = logging.getLogger("meshvpn.mqtt")
 
@@ -29,6 +41,9 @@ BACKOFF_START: Final = 0.25
 BACKOFF_MAX: Final = 5.0
 KEEPALIVE: Final = 10
 MAX_QUEUED_IN: Final = 4096
+DEFAULT_PORT: Final = 8883
+CERT_FILE: Final = "broker.crt"
+CA_FILE: Final = "broker-ca.crt"
 
 Handler = Callable[[str, bytes], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
@@ -55,26 +70,145 @@ class _Reconnect(aiomqtt.MqttError):
 
 @dataclass(frozen=True)
 class BrokerAddress:
-    host: str
-    port: int = 1883
+    host: str  # what the broker's certificate must name
+    port: int = DEFAULT_PORT
+    dial: str | None = None  # the address to connect to, when resolved ahead (lockdown)
 
     @classmethod
     def parse(cls, text: str) -> BrokerAddress:
         host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = text, "1883"
+        if not sep or "]" in port:
+            host, port = text, str(DEFAULT_PORT)
         try:
             number = int(port)
         except ValueError:
             number = 0
         if not host or not 0 < number < 65536:
             raise LocalError(
-                f"bad broker address {text!r}", "give host:port, e.g. 203.0.113.2:1883"
+                f"bad broker address {text!r}", "give host:port, e.g. broker.example:8883"
             )
         return cls(host.strip("[]"), number)
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+class _TLSContext(ssl.SSLContext):
+    """paho names the server by the address it dials. Under the lockdown we dial an
+    address resolved ahead, and still check the certificate against the name given."""
+
+    server_name = ""
+
+    def wrap_socket(  # noqa: PLR0917 - ssl.SSLContext's own signature
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        return super().wrap_socket(
+            sock,
+            server_side=server_side,
+            do_handshake_on_connect=do_handshake_on_connect,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            server_hostname=self.server_name or server_hostname,
+            session=session,
+        )
+
+
+@dataclass(frozen=True)
+class BrokerCredentials:
+    """A node's TLS identity towards the broker. The key never shows in repr."""
+
+    cert: Path
+    ca: Path
+    enrollment: pki.Enrollment
+    key: PrivateKey = field(repr=False)
+
+    def context(self, server_name: str) -> ssl.SSLContext:
+        """TLS 1.3 only, the broker checked against our CA and ``server_name``."""
+        ctx = _TLSContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.server_name = server_name
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_verify_locations(cafile=str(self.ca))
+        # OpenSSL reads keys from files only: give it one that lives in memory.
+        fd = os.memfd_create("meshvpn-broker-key", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, pki.private_pem(self.key))
+            ctx.load_cert_chain(str(self.cert), f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return ctx
+
+
+def persistent_client_id(name: str, key: PrivateKey) -> str:
+    """A client id that stays the same across restarts and that nobody else can work out.
+
+    A client connecting with another's id takes that connection and its persistent
+    session (the queue the broker keeps while we are away) over, whoever it
+    authenticated as: mosquitto does not tie ids to certificates. So the id is a
+    one-way function of our private key, not of anything public like the node id."""
+    tag = hashlib.sha256(b"meshvpn/v1/mqtt-client-id\x00" + key.raw).hexdigest()[:32]
+    return f"{name}-{tag}"
+
+
+def _not_enrolled(state_dir: Path, what: str, role: str = pki.ROLE_NODE) -> ConfigError:
+    flag = "" if role == pki.ROLE_NODE else f" --role {role}"
+    return ConfigError(
+        f"not enrolled with a broker: {what}",
+        f"on the broker run `meshvpn broker enroll <identity key>{flag}` (`meshvpn id"
+        f" --state-dir {state_dir}` shows the key), then `meshvpn init --enroll FILE"
+        f" --state-dir {state_dir}` here",
+    )
+
+
+def load_credentials(
+    state_dir: Path,
+    identity: Identity,
+    role: str | None = pki.ROLE_NODE,
+    now: dt.datetime | None = None,
+) -> BrokerCredentials:
+    """This node's broker certificate, checked against its identity and the role it
+    needs (None: any): ConfigError (saying how to enroll) if it has none that will do."""
+    cert, ca = state_dir / CERT_FILE, state_dir / CA_FILE
+    try:
+        leaf_pem, ca_pem = cert.read_bytes(), ca.read_bytes()
+    except FileNotFoundError as exc:
+        raise _not_enrolled(state_dir, f"no {exc.filename}", role or pki.ROLE_NODE) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    try:
+        enrollment = pki.check_client(
+            leaf_pem, ca_pem, identity.identity_public, now or dt.datetime.now(dt.UTC)
+        )
+    except pki.CertificateError as exc:
+        raise _not_enrolled(state_dir, f"{cert}: {exc}", role or pki.ROLE_NODE) from None
+    if role is not None and enrollment.role != role:
+        raise _not_enrolled(state_dir, f"{cert} is for the {enrollment.role} role", role)
+    return BrokerCredentials(cert, ca, enrollment, identity.identity_key)
+
+
+def install_enrollment(
+    state_dir: Path, identity: Identity, bundle: bytes, now: dt.datetime | None = None
+) -> pki.Enrollment:
+    """Check what ``meshvpn broker enroll`` gave us, then keep it in the state dir."""
+    try:
+        leaf_pem, ca_pem, enrollment = pki.read_bundle(
+            bundle, identity.identity_public, now or dt.datetime.now(dt.UTC)
+        )
+    except pki.CertificateError as exc:
+        raise ConfigError(
+            f"cannot enroll: {exc}",
+            "give the file `meshvpn broker enroll <this node's identity key>` wrote",
+        ) from None
+    for name, data in ((CA_FILE, ca_pem), (CERT_FILE, leaf_pem)):
+        tmp = state_dir / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.chmod(0o644)
+        tmp.replace(state_dir / name)
+    return enrollment
 
 
 @dataclass(frozen=True)
@@ -90,6 +224,7 @@ class ControlLink:
         broker: BrokerAddress,
         *,
         name: str,
+        tls: ssl.SSLContext,
         subscriptions: list[tuple[str, int]],  # (topic filter, QoS)
         handler: Handler,
         will: WillMessage | None = None,
@@ -101,7 +236,10 @@ class ControlLink:
         queues QoS 1 messages while we are away. ``on_delivery``: manual acks, messages
         go there instead of ``handler`` and count as delivered only once acked."""
         self.broker = broker
-        self.client_id = persistent_id or f"{name}-{os.urandom(4).hex()}"
+        self.tls = tls
+        # Unguessable (see persistent_client_id): another node reusing our client id
+        # would take our connection, and a persistent session's queue, over.
+        self.client_id = persistent_id or f"{name}-{os.urandom(16).hex()}"
         self.persistent = persistent_id is not None
         self.on_delivery = on_delivery
         self.subscriptions = subscriptions
@@ -112,6 +250,7 @@ class ControlLink:
         self.connected = asyncio.Event()
         self.outages = 0
         self.handler_errors = 0
+        self.last_error = ""
         self._kicked = asyncio.Event()
 
     def _new_client(self) -> aiomqtt.Client:
@@ -121,9 +260,10 @@ class ControlLink:
             else None
         )
         client = aiomqtt.Client(
-            self.broker.host,
+            self.broker.dial or self.broker.host,
             self.broker.port,
             identifier=self.client_id,
+            tls_context=self.tls,
             will=will,
             keepalive=KEEPALIVE,
             timeout=5,
@@ -161,6 +301,7 @@ class ControlLink:
             except _Reconnect:
                 log.info("reconnecting to broker %s", self.broker)
             except aiomqtt.MqttError as exc:
+                self.last_error = str(exc)
                 if self.connected.is_set() or self.outages == 0:
                     log.warning("broker %s unreachable (%s); retrying", self.broker, exc)
                 self.outages += 1

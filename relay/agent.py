@@ -58,7 +58,7 @@ from meshvpn.messages import (
     SessionRequest,
     sign,
 )
-from meshvpn.mqtt import BrokerAddress, ControlLink, WillMessage
+from meshvpn.mqtt import BrokerAddress, ControlLink, WillMessage, load_credentials
 from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeResponder
 from meshvpn.wireguard.model import Endpoint, PeerSpec
@@ -138,6 +138,9 @@ class RelayAgent(Agent):
             )
         if opts.mesh is not None and opts.broker is None:
             raise LocalError("the mesh needs a broker", "give --broker, or leave out --mesh")
+        self.credentials = (
+            load_credentials(opts.state_dir, self.identity) if opts.broker is not None else None
+        )
         self.pool = AddressPool(opts.pool)
         settings = opts.operator or OperatorSettings(
             price_per_gib=opts.price_per_gib,
@@ -318,9 +321,11 @@ class RelayAgent(Agent):
                 subscriptions.append((booked_topic(self.identity.node_id), 1))
             if self.mesh is not None:
                 subscriptions.append((f"{ANNOUNCE_PREFIX}+", 1))
+            assert self.credentials is not None  # noqa: S101 - loaded in __init__ with --broker
             self.link = ControlLink(
                 self.opts.broker,
                 name=f"relay-{self.identity.node_id}",
+                tls=self.credentials.context(self.opts.broker.host),
                 subscriptions=subscriptions,
                 handler=self._on_message,
                 will=WillMessage(announce_topic(self.identity.node_id), b""),
@@ -463,12 +468,14 @@ class RelayAgent(Agent):
                 return
             link_grant = await self.mesh.on_link_request(received)
             wire = received.answer(link_grant, self.identity.identity_key)
-            await self.link.publish(reply_topic(received.request.reply_token), wire)
+            asker = node_id_of(received.client_identity)
+            await self.link.publish(reply_topic(asker, received.request.reply_token), wire)
             return
+        client = node_id_of(received.client_identity)
         refusal = self._credit_refusal(received.request, received.client_identity, now)
         if refusal is not None:
             wire = received.answer(refusal, self.identity.identity_key)
-            await self.link.publish(reply_topic(received.request.reply_token), wire)
+            await self.link.publish(reply_topic(client, received.request.reply_token), wire)
             return
         decision = self.book.decide(
             received.request, received.client_identity, received.ephemeral, os.urandom(16), now
@@ -493,7 +500,7 @@ class RelayAgent(Agent):
                 STATUS_NAMES[decision.grant.status],
             )
         wire = received.answer(decision.grant, self.identity.identity_key)
-        await self.link.publish(reply_topic(received.request.reply_token), wire)
+        await self.link.publish(reply_topic(client, received.request.reply_token), wire)
 
     # ---- credit (relay/credit.py): the accounting service says whom to serve
 

@@ -242,11 +242,12 @@ class Mesh:
             self.wake.set()
 
     def want_reply(self, topic: str) -> bool:
-        return any(reply_topic(t) == topic for t in self.pending)
+        mine = self.identity.node_id
+        return any(reply_topic(mine, t) == topic for t in self.pending)
 
     def on_reply(self, topic: str, payload: bytes) -> None:
         for token, p in self.pending.items():
-            if reply_topic(token) == topic:
+            if reply_topic(self.identity.node_id, token) == topic:
                 try:
                     grant = p.pending.read_link_grant(payload)
                 except MessageError as exc:
@@ -315,7 +316,7 @@ class Mesh:
         future: asyncio.Future[LinkGrant] = asyncio.get_running_loop().create_future()
         self.pending[token] = _Pending(entry.node_id, slot, pending, future)
         try:
-            if not await self.link.subscribe(reply_topic(token)):
+            if not await self.link.subscribe(reply_topic(self.identity.node_id, token)):
                 return
             await self.link.publish(session_topic(entry.node_id), wire)
             try:
@@ -329,7 +330,7 @@ class Mesh:
             return
         finally:
             del self.pending[token]
-            await self.link.unsubscribe(reply_topic(token))
+            await self.link.unsubscribe(reply_topic(self.identity.node_id, token))
         if not grant.granted or grant.wireguard_key != entry.announcement.wireguard_key:
             self._count("link-refused-by-peer")
             log.debug("link to %s refused: %s", entry.node_id, grant.reason)

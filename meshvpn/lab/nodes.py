@@ -4,11 +4,18 @@ The lab (``lab.py``) builds the sealed network; this module puts agents on
 it, the same way a user would: ``meshvpn init``, ``meshvpn relay``,
 ``meshvpn admit`` and ``meshvpn connect``, each run inside the node's
 namespace. Tests, the demo and ``meshvpn lab up`` all go through here.
+
+The broker runs TLS-only, like a real one. Its CA lives in the broker node's
+state directory, made on first use; ``enroll`` gives a node its certificate
+with the functions behind ``meshvpn broker enroll`` and ``meshvpn init
+--enroll``, called in this process rather than as two more commands per node.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
 import json
 import os
 import subprocess
@@ -18,10 +25,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from meshvpn.errors import LocalError
+from meshvpn import broker as brokerd
+from meshvpn import pki
+from meshvpn.errors import ConfigError, LocalError
+from meshvpn.identity import init_identity, load_identity
 from meshvpn.lab import netns
 from meshvpn.lab.lab import Lab
 from meshvpn.lab.topology import owns_netns
+from meshvpn.mqtt import install_enrollment, load_credentials
 
 RELAY_PORT = 51820
 LAB_INTERNET = "203.0.113.0/24"
@@ -74,10 +85,35 @@ def broker_address(lab: Lab) -> str:
     return f"{lab.plan.broker.addr}:{lab.plan.broker.port}"
 
 
+def broker_ca(lab: Lab) -> Path:
+    """The lab broker's state directory, with its CA and server certificate made if missing."""
+    sd = node_state_dir(lab, "broker")
+    brokerd.init_broker(sd, [str(lab.plan.broker.addr)], dt.datetime.now(dt.UTC))
+    return sd
+
+
+def enroll(lab: Lab, node: str, role: str = pki.ROLE_NODE) -> Path:
+    """Keys and a broker certificate in ``role`` for ``node``, unless it has them; its state dir.
+
+    ``node`` need not be a namespace: any name gets a state dir (tests use
+    ``accounting`` for a receipt reader)."""
+    sd = node_state_dir(lab, node)
+    identity, _ = init_identity(sd)
+    ca_dir = broker_ca(lab)
+    with contextlib.suppress(ConfigError):
+        held = load_credentials(sd, identity, role).enrollment
+        if held.role == role and held.ca_fingerprint == pki.fingerprint(
+            (ca_dir / brokerd.CA_CERT).read_bytes()
+        ):
+            return sd  # enrolled already, in that role
+    bundle = brokerd.enroll(ca_dir, identity.identity_public, role)
+    install_enrollment(sd, identity, bundle)
+    return sd
+
+
 def start_broker(lab: Lab) -> int:
     """mosquitto via `meshvpn broker` in the lab's broker namespace; returns its pid."""
-    sd = node_state_dir(lab, "broker")
-    sd.mkdir(parents=True, exist_ok=True)
+    sd = broker_ca(lab)
     argv = meshvpn_argv("broker", "--listen", broker_address(lab), "--state-dir", str(sd))
     pid = lab.spawn("broker", argv, log=sd / "broker.log")
     target = (str(lab.plan.broker.addr), lab.plan.broker.port)
@@ -99,10 +135,8 @@ def start_accounting(
     """`meshvpn accounting serve` in the broker's namespace, its ledger in SQLite in its
     state dir (node ``name``); returns its identity key (for relays' --accounting-key)
     and its pid."""
-    from meshvpn.identity import init_identity  # noqa: PLC0415
-
-    sd = node_state_dir(lab, name)
-    identity, _ = init_identity(sd)
+    sd = enroll(lab, name, pki.ROLE_ACCOUNTING)  # only that role may read receipts
+    identity = load_identity(sd)
     argv = meshvpn_argv(
         "accounting", "serve", "--broker", broker_address(lab), "--state-dir", str(sd),
         "--epoch-seconds", str(epoch_seconds), *extra,
@@ -167,7 +201,7 @@ def start_relay(
     ``program`` replaces ``python -m meshvpn relay`` (tests run rogue relays so)."""
     node = f"relay{index}"
     meshvpn(lab, node, "init")
-    sd = node_state_dir(lab, node)
+    sd = enroll(lab, node) if broker else node_state_dir(lab, node)
     head = program if program is not None else meshvpn_argv("relay")
     argv = [
         *head, "--state-dir", str(sd), "--interface", node_ifname(lab, node),
@@ -237,7 +271,7 @@ def wait_mesh_routes(lab: Lab, timeout: float = 30.0) -> dict[int, dict[str, Any
 def discover_and_connect(lab: Lab, index: int, *extra: str, check: bool = True) -> str:
     """`meshvpn connect --broker` from a client: it finds, probes and negotiates."""
     node = f"client{index}"
-    meshvpn(lab, node, "init")
+    enroll(lab, node)
     argv = ["connect", "--broker", broker_address(lab), "--interface", node_ifname(lab, node)]
     return meshvpn(lab, node, *argv, *extra, check=check)
 
@@ -384,7 +418,7 @@ def _parse_latency(text: str | None, relays: int) -> list[float] | None:
 
 
 def _describe(lab: Lab) -> None:
-    print(f"  broker   {broker_address(lab)} (mosquitto) in `broker`")
+    print(f"  broker   {broker_address(lab)} (mosquitto, TLS) in `broker`")
     if (node_state_dir(lab, "accounting") / "ledger.db").exists():
         print(f"  accounting in `broker`, state {node_state_dir(lab, 'accounting')}")
     for r in lab.plan.relays:

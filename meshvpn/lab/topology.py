@@ -8,7 +8,7 @@ The addresses are fixed (other parts of meshvpn rely on them)::
 
     internet   203.0.113.80/32 on lo (web server, port 80), forwards, no default route;
                203.0.113.(100+i)/32 on lo: relay{i}'s public address, if it has a latency
-      bk    ── 203.0.113.1/30 ↔ .2/30 wan0 ── broker (MQTT, port 1883; the lab does not start it)
+      bk    ── 203.0.113.1/30 ↔ .2/30 wan0 ── broker (MQTT/TLS on 8883; the lab does not start it)
       r{i}  ── 198.51.100.(4(i-1)+1)/30 ↔ .(4(i-1)+2)/30 wan0 ── relay{i}
       c{j}  ── 192.0.2.(4(j-1)+1)/30    ↔ .(4(j-1)+2)/30 wan0 ── client{j}
     relay{i}   lan0 100.80.{i}.1/24 ↔ eth0 100.80.{i}.10/24 in lan{i};
@@ -44,7 +44,7 @@ IFNAMSIZ = 15  # usable bytes of a Linux interface name
 WEB_ADDR = IPv4Address("203.0.113.80")
 WEB_PORT = 80
 BROKER_NET = IPv4Network("203.0.113.0/30")  # .1 internet side, .2 the broker
-BROKER_PORT = 1883
+BROKER_PORT = 8883  # MQTT over TLS
 BROKER_UPSTREAM_IFACE = "bk"
 PUBLIC_BASE = IPv4Address("203.0.113.100")  # relay{i}'s public address is PUBLIC_BASE + i
 DELAY_PORTS = (51820, 51821)  # what a relay's forwarder forwards: WireGuard, the agent's probe

@@ -1,30 +1,38 @@
 """A receipt flood for the accounting service, run inside a lab namespace as a script.
 
 python flood_tool.py parties SEED FILE                  -> write the parties (JSON) to FILE
-python flood_tool.py flood HOST PORT SEED COUNT RATE    -> announce the relays, then publish
+python flood_tool.py flood HOST PORT SEED COUNT RATE CA_DIR
+                                                        -> announce the relays, then publish
 
 Everything follows from SEED: the relays' and clients' keys, the sessions,
 and the order of COUNT receipt bundles (cumulative, with duplicates and
 receipts out of order, as at-least-once delivery produces), so two runs
 publish the very same stream. The relays announce themselves (retained) the
 way real ones do; the bundles go to each exit relay's receipts topic at
-about RATE per second, each one acknowledged by the broker (QoS 1).
+about RATE per second, each one acknowledged by the broker (QoS 1). The
+broker lets a relay write only its own topics, so each relay connects as
+itself, with a certificate from the broker CA in CA_DIR (the lab's).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import json
 import random
 import sys
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
 from accounting.receipts import GIB, Receipt, ReceiptBundle, sign_receipt
+from meshvpn import broker as brokerd
+from meshvpn import pki
 from meshvpn.directory import announce_topic
 from meshvpn.identity import PrivateKey, node_id_of
 from meshvpn.messages import ROLE_ENTRY, ROLE_EXIT, Announcement, sign
+from meshvpn.mqtt import BrokerCredentials
 
 RELAYS, CLIENTS, SESSIONS = 3, 4, 24
 
@@ -103,25 +111,44 @@ def announcement(key: PrivateKey, index: int) -> bytes:
     return sign(ann, key)
 
 
-def flood(host: str, port: int, seed: int, count: int, rate: float) -> int:
-    relays, _ = keys(seed)
+def relay_client(key: PrivateKey, host: str, port: int, ca_dir: Path) -> mqtt.Client:
+    """Connected as ``key``'s node, with a certificate made for it now."""
+    now = dt.datetime.now(dt.UTC)
+    leaf, ca, enrollment = pki.read_bundle(brokerd.enroll(ca_dir, key.ed25519_public()),
+                                           key.ed25519_public(), now)  # fmt: skip
+    # in the lab's state, removed with it
+    where = ca_dir.parent / f"flood-{node_id_of(key.ed25519_public())}"
+    where.mkdir(exist_ok=True)
+    (where / "node.crt").write_bytes(leaf)
+    (where / "ca.crt").write_bytes(ca)
+    creds = BrokerCredentials(where / "node.crt", where / "ca.crt", enrollment, key)
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.tls_set_context(creds.context(host))
     client.max_queued_messages_set(0)
     client.connect(host, port)
     client.loop_start()
+    return client
+
+
+def flood(host: str, port: int, seed: int, count: int, rate: float, *, ca_dir: Path) -> int:
+    relays, _ = keys(seed)
+    clients = {}
     for i, relay in enumerate(relays):
-        topic = announce_topic(node_id_of(relay.ed25519_public()))
+        node_id = node_id_of(relay.ed25519_public())
+        clients[node_id] = client = relay_client(relay, host, port, ca_dir)
+        topic = announce_topic(node_id)
         client.publish(topic, announcement(relay, i), qos=1, retain=True).wait_for_publish(10)
     started = time.monotonic()
     items = stream(seed, count)
     for i, (topic, wire) in enumerate(items):
-        info = client.publish(topic, wire, qos=1)
+        info = clients[topic.rsplit("/", 1)[1]].publish(topic, wire, qos=1)
         info.wait_for_publish(30)
         lag = started + (i + 1) / rate - time.monotonic()
         if lag > 0:
             time.sleep(lag)
-    client.loop_stop()
-    client.disconnect()
+    for client in clients.values():
+        client.loop_stop()
+        client.disconnect()
     return len(items)
 
 
@@ -130,5 +157,5 @@ if __name__ == "__main__":
         with open(sys.argv[3], "w") as fh:  # noqa: PTH123
             json.dump(parties(int(sys.argv[2])), fh)
     else:
-        _, _, host, port, seed, count, rate = sys.argv
-        print(flood(host, int(port), int(seed), int(count), float(rate)))
+        _, _, host, port, seed, count, rate, ca_dir = sys.argv
+        print(flood(host, int(port), int(seed), int(count), float(rate), ca_dir=Path(ca_dir)))

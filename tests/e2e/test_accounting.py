@@ -27,6 +27,7 @@ from meshvpn.lab import Lab
 from meshvpn.lab.nodes import (
     accounting,
     broker_address,
+    broker_ca,
     deposit,
     discover_and_connect,
     fetch,
@@ -38,6 +39,7 @@ from meshvpn.lab.nodes import (
     start_relay,
     wait_for_credit,
 )
+from meshvpn.mqtt import persistent_client_id
 
 pytestmark = pytest.mark.e2e
 
@@ -271,6 +273,7 @@ def test_kill_9_during_a_receipt_flood_changes_no_balance(make_lab: Any) -> None
     parties = flood_parties(lab, seed)
     host, port = broker_address(lab).split(":")
     flood = [sys.executable, FLOOD, "flood", host, port, str(seed), str(count), str(rate)]
+    flood.append(str(broker_ca(lab)))  # its relays get certificates from the lab's CA
 
     def start(name: str) -> int:
         _, pid = start_accounting(lab, 3600, name=name)
@@ -379,8 +382,10 @@ def test_final_receipts_survive_a_broker_that_drops_them(make_lab: Any) -> None:
 
     # the broker forgets what it queued for the service
     host, port = broker_address(lab).split(":")
-    ident = init_identity(node_state_dir(lab, "accounting"))[0].node_id
-    lab.exec("broker", [sys.executable, MQTT_TOOL, "clear", host, port, f"accounting-{ident}"])
+    sd = node_state_dir(lab, "accounting")
+    session = persistent_client_id("accounting", init_identity(sd)[0].identity_key)
+    clear = [sys.executable, MQTT_TOOL, "--state-dir", str(sd), host, port, "clear", session]
+    lab.exec("broker", clear)
     assert relay_receipts(lab)["pending_delivery"] > 0, "a broker ack is not a delivery"
 
     start_accounting(lab, 3600)

@@ -313,7 +313,7 @@ def test_latency_lab_status_load_and_down(
         assert other.plan.relay(2).public_addr is None
         status = other.status()
         json.dumps(status)
-        assert status["broker"] == "203.0.113.2:1883"
+        assert status["broker"] == "203.0.113.2:8883"
         assert status["latency"] == [
             {"relay": "relay1", "public_addr": "203.0.113.101", "wan_addr": "198.51.100.2",
              "latency_ms": 60.0},

@@ -23,6 +23,7 @@ from meshvpn.lab import Lab
 from meshvpn.lab.nodes import (
     broker_address,
     discover_and_connect,
+    enroll,
     fetch,
     meshvpn,
     meshvpn_argv,
@@ -79,7 +80,9 @@ def wait_for(what: str, check: Any, timeout: float = 20.0) -> Any:
 def announcement(lab: Lab) -> Announcement:
     node_id = relay_status(lab)["node_id"]
     host, port = broker_address(lab).split(":")
-    argv = [sys.executable, TOOL, "retained", host, port, announce_topic(node_id)]
+    reader = str(enroll(lab, "reader"))  # any enrolled node may read announcements
+    argv = [sys.executable, TOOL, "--state-dir", reader, host, port, "retained"]
+    argv.append(announce_topic(node_id))
     wire = bytes.fromhex(lab.exec("broker", argv).stdout.decode().strip())
     ann = verify(wire, Announcement).message
     assert isinstance(ann, Announcement)
@@ -89,7 +92,7 @@ def announcement(lab: Lab) -> Announcement:
 def connect_fails(lab: Lab, client: int) -> str:
     """`meshvpn connect` that must fail; its one-line error."""
     node = f"client{client}"
-    meshvpn(lab, node, "init")
+    enroll(lab, node)
     argv = meshvpn_argv(
         "connect", "--broker", broker_address(lab), "--interface", node_ifname(lab, node),
         "--no-lockdown", "--state-dir", str(node_state_dir(lab, node)),

@@ -23,6 +23,7 @@ from meshvpn.lab.nodes import (
     broker_address,
     deposit,
     discover_and_connect,
+    enroll,
     fetch,
     meshvpn,
     node_ifname,
@@ -106,8 +107,7 @@ def test_download_is_receipted_within_tolerance(make_lab: Any) -> None:
 
 def start_rogue_client(lab: Lab, mode: str) -> int:
     node = "client1"
-    meshvpn(lab, node, "init")
-    sd = node_state_dir(lab, node)
+    sd = enroll(lab, node)
     argv = [
         sys.executable, ROGUE, "client", mode, "--state-dir", str(sd),
         "--broker", broker_address(lab), "--interface", node_ifname(lab, node),

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def meshvpn(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -87,8 +89,77 @@ def test_help_explains_every_command() -> None:
         "disconnect",
         "down",
         "status",
+        "broker",
         "lab",
         "demo",
     ):
         assert f"    {command} " in proc.stdout
     assert "Exit codes" in proc.stdout
+
+
+def refused_key(proc: subprocess.CompletedProcess[str], key: Path) -> None:
+    line = one_error_line(proc)
+    assert proc.returncode == 3
+    assert str(key) in line
+    assert f"chmod 600 {key}" in line
+    assert key.read_text().strip() not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o620, 0o604, 0o602, 0o660, 0o666])
+def test_a_key_open_to_others_is_refused_in_one_line(tmp_path: Path, mode: int) -> None:
+    """Readable or writable by group or others: not used, and the error says the fix."""
+    assert meshvpn("init", "--state-dir", str(tmp_path)).returncode == 0
+    key = tmp_path / ("identity.key", "wireguard.key", "control.key")[mode % 3]
+    key.chmod(mode)
+    refused_key(meshvpn("id", "--state-dir", str(tmp_path)), key)
+
+
+def test_the_agents_refuse_a_key_open_to_others(tmp_path: Path) -> None:
+    assert meshvpn("init", "--state-dir", str(tmp_path)).returncode == 0
+    key = tmp_path / "wireguard.key"
+    key.chmod(0o640)
+    for argv in (
+        ["relay", "--broker", "203.0.113.2:8883", "--endpoint", "198.51.100.2:51820"],
+        ["connect", "--broker", "203.0.113.2:8883"],
+        ["connect", "--foreground", "--broker", "203.0.113.2:8883"],
+    ):
+        refused_key(meshvpn(*argv, "--state-dir", str(tmp_path)), key)
+
+
+def test_agents_on_a_broker_need_a_certificate(tmp_path: Path) -> None:
+    assert meshvpn("init", "--state-dir", str(tmp_path)).returncode == 0
+    for argv in (
+        ["relay", "--broker", "203.0.113.2", "--endpoint", "198.51.100.2:51820"],
+        ["connect", "--broker", "203.0.113.2"],
+    ):
+        proc = meshvpn(*argv, "--state-dir", str(tmp_path))
+        line = one_error_line(proc)
+        assert proc.returncode == 3
+        assert "not enrolled" in line and "meshvpn init --enroll" in line
+        assert not list(tmp_path.glob("footprint*"))  # stopped before touching the host
+
+
+def test_broker_enroll_then_init_enroll(tmp_path: Path) -> None:
+    broker_dir, node = tmp_path / "broker", tmp_path / "node"
+    made = meshvpn("broker", "init", "--state-dir", str(broker_dir), "--name", "broker.example")
+    assert made.returncode == 0, made.stderr
+    assert "broker.example" in made.stdout
+    init = meshvpn("init", "--state-dir", str(node))
+    key = next(line.split()[-1] for line in init.stdout.splitlines() if "identity key" in line)
+    bundle = tmp_path / "node.pem"
+    out = meshvpn("broker", "--state-dir", str(broker_dir), "enroll", key, "--out", str(bundle))
+    assert out.returncode == 0, out.stderr
+    enrolled = meshvpn("init", "--state-dir", str(node), "--enroll", str(bundle))
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert "enrolled as mv" in enrolled.stdout
+    assert (node / "broker.crt").exists()
+    # a bundle for someone else is refused, in one line
+    other = tmp_path / "other"
+    assert meshvpn("init", "--state-dir", str(other)).returncode == 0
+    wrong = meshvpn("init", "--state-dir", str(other), "--enroll", str(bundle))
+    assert wrong.returncode == 3
+    assert "not this node" in one_error_line(wrong)
+    # the CA's key is a secret like any other
+    (broker_dir / "ca.key").chmod(0o644)
+    refused = meshvpn("broker", "enroll", key, "--state-dir", str(broker_dir))
+    assert f"chmod 600 {broker_dir / 'ca.key'}" in one_error_line(refused)

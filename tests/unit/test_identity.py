@@ -71,7 +71,7 @@ def test_corrupt_key_is_a_config_error_without_the_content(tmp_path: Path, conte
 def test_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     init_identity(tmp_path)
     os.chmod(tmp_path / "wireguard.key", 0o644)  # noqa: PTH101
-    with pytest.raises(ConfigError, match="readable by other users"):
+    with pytest.raises(ConfigError, match="open to other users"):
         load_identity(tmp_path)
 
 
@@ -115,3 +115,7 @@ def test_public_key_parsing() -> None:
     for bad in ("", "abc", "!!!!", base64.b64encode(b"x" * 31).decode()):
         with pytest.raises(ValueError):
             PublicKey.from_b64(bad)
+    secret = base64.b64encode(bytes(range(32))).decode()
+    with pytest.raises(ValueError) as info:
+        PublicKey.from_b64(secret[:-2] + "!=")  # a mistyped private key is not echoed
+    assert secret[:8] not in str(info.value)

@@ -74,7 +74,7 @@ def test_small_lab_matches_the_spec() -> None:
     b = plan.broker
     assert (b.name, b.netns) == ("broker", "mvlab-broker")
     assert (b.upstream_iface, b.wan_iface) == ("bk", "wan0")
-    assert (b.addr, b.port) == (IPv4Address("203.0.113.2"), 1883)
+    assert (b.addr, b.port) == (IPv4Address("203.0.113.2"), 8883)
     assert b.upstream == IPv4Interface("203.0.113.1/30")
     assert plan.node("broker").gateway == IPv4Address("203.0.113.1")
     assert plan.node("broker").role is Role.BROKER
