@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
-from meshvpn.errors import LocalError, MeshvpnError
+from meshvpn.errors import LocalError, MeshvpnError, NoAgentError
 
 SOCKET_NAME: Final = "control.sock"
 MAX_REQUEST: Final = 64 * 1024
@@ -143,7 +143,7 @@ def call(state_dir: Path, op: str, timeout: float = 10.0, **params: Any) -> dict
         with sock.makefile("rb") as fh:
             line = fh.readline(16 * 1024 * 1024)
     except (FileNotFoundError, ConnectionRefusedError):
-        raise LocalError(
+        raise NoAgentError(
             f"no meshvpn agent is running with state dir {state_dir}",
             "start one with `meshvpn relay` or `meshvpn connect`",
         ) from None

@@ -604,7 +604,11 @@ class RelayAgent(Agent):
                 "is `meshvpn accounting serve` running on the broker, and has this relay"
                 " carried paid traffic?",
             )
-        return {"report": self.earnings.report, "accounting": self.earnings.status(now_ms())}
+        return {
+            "report": self.earnings.report,
+            "wire": self.earnings.report_wire.decode(),
+            "accounting": self.earnings.status(now_ms()),
+        }
 
     async def _op_mesh_ping(self, req: dict[str, Any]) -> dict[str, Any]:
         """RTT and hops to another relay over the mesh (``meshvpn ping``)."""

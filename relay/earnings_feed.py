@@ -44,6 +44,7 @@ class EarningsFeed:
     node_id: str  # this relay's
     pinned: PublicKey | None = None
     report: dict[str, Any] | None = None
+    report_wire: bytes = b""  # as signed: what `meshvpn earnings verify` checks
     report_received_ms: int = 0
     statement: EpochStatement | None = None
     statement_received_ms: int = 0
@@ -83,7 +84,7 @@ class EarningsFeed:
         held = self.report
         if held is not None and int(report["issued_ms"]) < int(held["issued_ms"]):
             raise MessageError("replayed", "older than the report held")
-        self.report, self.report_received_ms = report, now_ms
+        self.report, self.report_wire, self.report_received_ms = report, wire, now_ms
         self.counters["reports"] += 1
 
     def _on_statement(self, topic: str, wire: bytes, now_ms: int) -> None:
