@@ -647,9 +647,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from meshvpn.lab import nodes  # noqa: PLC0415
+    from meshvpn.lab import demo  # noqa: PLC0415
 
-    return nodes.demo(args)
+    return demo.run(args)
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -870,7 +870,11 @@ def _add_connect_parser(sub: Any) -> None:  # noqa: ANN401
         help="2 or more: leave at an exit other than the entry (with --exit-region: an exit"
         " there); the mesh's routing decides the path between them (default: %(default)s)",
     )
-    g.add_argument("--entry", metavar="NODE_ID", help="enter the mesh at this relay")
+    g.add_argument(
+        "--entry",
+        metavar="NODE_ID",
+        help="enter the mesh at this relay (single hop: connect through this relay)",
+    )
     g = p.add_argument_group("by hand (without --broker)")
     g.add_argument("--relay", metavar="HOST:PORT", help="the relay's WireGuard endpoint")
     g.add_argument("--relay-key", metavar="KEY", help="the relay's WireGuard public key")

@@ -118,7 +118,7 @@ class ClientOptions(CommonOptions):
     lockdown: bool = True  # the kill switch: see meshvpn.killswitch
     allow_lan: bool = False
     exit_node: str = ""  # multi-hop: leave the mesh here
-    entry_node: str = ""  # multi-hop: enter the mesh here
+    entry_node: str = ""  # enter the mesh here (single hop: the relay to use)
     hops: int = 1
 
     @property
@@ -357,8 +357,8 @@ class ClientAgent(Agent):
         )
         if opts.multihop:
             found = [e for e in found if e.announcement.roles & ROLE_MESH]
-            if opts.entry_node and opts.entry_node not in exclude:
-                found = [e for e in found if e.node_id == opts.entry_node]
+        if opts.entry_node and opts.entry_node not in exclude:
+            found = [e for e in found if e.node_id == opts.entry_node]
         return found[:PROBE_CANDIDATES]
 
     async def _find_relay(
