@@ -63,7 +63,7 @@ MIN_PHASE_S: Final = 8.0
 STREAM_RATE: Final = 1_000_000  # bytes/s per client: enough to earn, little CPU
 SETTLE_TIMEOUT_S: Final = 45.0
 
-_STREAM = """\
+STREAM = """\
 import sys, time, urllib.request
 url, rate = sys.argv[1], int(sys.argv[2])
 while True:
@@ -140,9 +140,7 @@ class Demo:
         )
 
     def _start_stream(self, node: str) -> None:
-        url = f"http://{self.lab.plan.internet.web_addr}/bytes/1000000000"
-        argv = [sys.executable, "-c", _STREAM, url, str(STREAM_RATE)]
-        pid = self.lab.spawn(node, argv, log=node_state_dir(self.lab, node) / "stream.log")
+        pid = start_stream(self.lab, node)
         self.streams[node] = pid
         self.pids.append(pid)
 
@@ -223,6 +221,13 @@ class Demo:
     def agent_pids(self) -> list[int]:
         nodes = [f"relay{i}" for i in range(1, RELAYS + 1)] + ["client1", "client2"]
         return [int(s["pid"]) for n in nodes if (s := _status(self.lab, n)) is not None]
+
+
+def start_stream(lab: Lab, node: str, rate: int = STREAM_RATE) -> int:
+    """A download that never ends (``rate`` bytes/s, retried when the tunnel moves)."""
+    url = f"http://{lab.plan.internet.web_addr}/bytes/1000000000"
+    argv = [sys.executable, "-c", STREAM, url, str(rate)]
+    return lab.spawn(node, argv, log=node_state_dir(lab, node) / "stream.log")
 
 
 def _status(lab: Lab, node: str) -> dict[str, Any] | None:
