@@ -316,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
     if not headless:
         return 0 if clean else 1
     summary["left_behind"] = left
+    summary["pids"] = sorted(set(demo.pids))
     summary["duration_s"] = round(time.monotonic() - started, 1)
     relays = summary.get("relays") or {}
     summary["ok"] = (

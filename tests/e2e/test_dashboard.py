@@ -1,6 +1,7 @@
 """`meshvpn dashboard` in a real terminal (tmux) during a lab run with traffic.
 
-Three relays in a mesh ring with the accounting service (10 s epochs); client1
+Three relays in a mesh chain (relay1 - relay2 - relay3) with the accounting
+service (10 s epochs); client1
 single-hop through relay1, client2 multi-hop entering at relay2 and leaving at
 relay1, both downloading. relay1's dashboard runs in an 80x24 tmux pane;
 ``tmux capture-pane -p`` reads the screen, and every earnings, bytes and
@@ -34,6 +35,7 @@ from meshvpn.lab.nodes import (
     LAB_CREDIT,
     deposit,
     discover_and_connect,
+    meshvpn,
     node_id,
     node_state_dir,
     start_accounting,
@@ -62,7 +64,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.e2e
 
-RING = [(1, 2), (2, 3), (3, 1)]
+CHAIN = [(1, 2), (2, 3)]
 EPOCH_S = 10.0
 WIDTH, HEIGHT = 80, 24
 
@@ -245,7 +247,7 @@ def _lab(make_lab: Callable[..., Lab]) -> tuple[Lab, dict[int, str], list[int]]:
     start_broker(lab)
     key, _ = start_accounting(lab, EPOCH_S)
     ids = {i: node_id(lab, f"relay{i}") for i in (1, 2, 3)}
-    start_mesh(lab, RING, "--accounting-key", key)
+    start_mesh(lab, CHAIN, "--accounting-key", key)
     wait_mesh_routes(lab)
     for j in (1, 2):
         deposit(lab, f"client{j}", LAB_CREDIT)
@@ -281,8 +283,7 @@ def test_dashboard_shows_what_status_and_earnings_say(
     assert all(len(line) <= WIDTH for line in screen)
     assert ids[1] in screen[0]
     assert "entry exit mesh" in screen[0]
-    assert short_id(ids[2]) in "\n".join(screen)  # the mesh neighbour on the path
-    assert short_id(ids[3]) in "\n".join(screen)
+    assert short_id(ids[2]) in "\n".join(screen)  # the mesh neighbour on client2's path
 
     # while the downloads run, the screen moves with the data: between the snapshots
     screen, statuses, reports = _snapshots(tmux, relay1)
@@ -325,3 +326,32 @@ def test_dashboard_shows_what_status_and_earnings_say(
     assert len(errors) == 1, after
     assert f"pid {status['pid']}" in errors[0]
     assert "went away" in errors[0]
+
+
+def test_ping_names_the_hops_over_the_mesh(make_lab: Callable[..., Lab]) -> None:
+    """relay1 -> relay3 on a chain: relay2 answers the first echo (hop limit 1) from
+    its mesh address, relay3 the second; the route's first hop is relay2."""
+    lab = make_lab(3, 0)
+    start_broker(lab)
+    ids = {i: node_id(lab, f"relay{i}") for i in (1, 2, 3)}
+    start_mesh(lab, CHAIN)
+    wait_mesh_routes(lab)
+    out = meshvpn(lab, "relay1", "ping", ids[3], "-c", "3", "--json")
+    answer = json.loads(out)
+    assert answer["route"]["neighbour"] == ids[2]
+    assert answer["route"]["metric"] > 0
+    assert [h["node_id"] for h in answer["hops"]] == [ids[2], ids[3]]
+    assert [h["reached"] for h in answer["hops"]] == [False, True]
+    assert answer["received"] == answer["sent"] == 3
+    assert 0 < answer["min_ms"] <= answer["avg_ms"] <= answer["max_ms"]
+    text = meshvpn(lab, "relay1", "ping", ids[3], "-c", "1")
+    assert f"first hop {ids[2]}" in text
+    assert "1 sent, 1 received" in text
+    # a node nobody announced: one line, what to do
+    sd = str(node_state_dir(lab, "relay1"))
+    argv = [sys.executable, "-m", "meshvpn", "ping", "mv" + "a" * 26, "--state-dir", sd]
+    proc = lab.exec("relay1", argv, check=False)
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 1
+    assert len(err) == 1
+    assert "is announced" in err[0]
