@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from meshvpn.dashboard import earnings_rows
+from meshvpn.lab import netns
 from meshvpn.lab.demo import start_stream
+from meshvpn.lab.lab import DEFAULT_STATE_ROOT, Lab
 from meshvpn.lab.nodes import (
     LAB_CREDIT,
     deposit,
@@ -44,6 +46,7 @@ from meshvpn.lab.nodes import (
     wait_for_credit,
     wait_mesh_routes,
 )
+from meshvpn.lab.topology import owns_netns
 from meshvpn.views import (
     fmt_bytes,
     fmt_duration,
@@ -60,7 +63,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
 
-    from meshvpn.lab import Lab
 
 pytestmark = pytest.mark.e2e
 
@@ -355,3 +357,29 @@ def test_ping_names_the_hops_over_the_mesh(make_lab: Callable[..., Lab]) -> None
     assert proc.returncode == 1
     assert len(err) == 1
     assert "is announced" in err[0]
+
+
+@pytest.mark.timeout(600)
+def test_demo_opens_relay1s_dashboard_and_ctrl_c_leaves_nothing(
+    tmux: Tmux, new_prefix: Callable[[], str]
+) -> None:
+    """`meshvpn demo` as README's first command runs it, in a terminal: relay1's
+    dashboard comes up with its two mesh neighbours and earnings; Ctrl-C exits 0
+    and tears everything down."""
+    prefix = new_prefix()
+    try:
+        tmux.type(f"{sys.executable} -m meshvpn demo --prefix {prefix} --epoch-seconds 10;"
+                  " echo EXIT=$?")  # fmt: skip
+        screen = tmux.wait_for(r"mesh neighbours \(2;", timeout=300)
+        assert screen[0].startswith("relay mv")
+        assert "earnings (token units)" in "\n".join(screen)
+        tmux.wait_for(r"sessions \([12]\)", timeout=60)
+        tmux.run("send-keys", "-t", "t", "C-c")
+        after = "\n".join(tmux.wait_for(r"EXIT=\d+", timeout=180, joined=True))
+        assert "EXIT=0" in after
+        assert "nothing left behind" in after
+        assert [n for n in netns.list_netns() if owns_netns(prefix, n)] == []
+        assert not (DEFAULT_STATE_ROOT / prefix).exists()
+    finally:
+        if any(owns_netns(prefix, n) for n in netns.list_netns()):
+            Lab(prefix).down()
