@@ -164,6 +164,42 @@ def _relay_key(args: argparse.Namespace) -> PublicKey | None:
 def cmd_earnings(args: argparse.Namespace) -> int:
     if args.earnings_command == "verify":
         return cmd_earnings_verify(args)
+    if args.broker or args.relay:
+        report, wire = _earnings_from_broker(args)
+    else:
+        report, wire = _earnings_from_agent(args)
+    saved = Path(args.state_dir) / EARNINGS_FILE
+    if saved.parent.is_dir() and not args.relay:
+        tmp = saved.with_suffix(".tmp")
+        tmp.write_bytes(wire)
+        tmp.replace(saved)
+    if args.json:
+        _print_json(report)
+        return 0
+    _print_report(report, args.accounting_key is not None)
+    return 0
+
+
+def _earnings_from_agent(args: argparse.Namespace) -> tuple[dict[str, Any], bytes]:
+    """The running relay's newest report: it follows its earnings topic itself."""
+    from meshvpn.views import read_earnings  # noqa: PLC0415
+
+    state_dir = Path(args.state_dir)
+    if not (state_dir / "control.sock").exists():
+        raise LocalError(
+            f"no relay agent is running with state dir {state_dir}",
+            "start it (`meshvpn relay --broker ...`), or give --broker HOST:PORT",
+        )
+    report, wire = read_earnings(state_dir)
+    if args.accounting_key:
+        try:
+            report = open_report(wire, _key(args.accounting_key, "--accounting-key"))
+        except MessageError as exc:
+            raise RemoteError(f"the earnings report does not verify: {exc}") from None
+    return report, wire
+
+
+def _earnings_from_broker(args: argparse.Namespace) -> tuple[dict[str, Any], bytes]:
     relay = _relay_key(args)
     if relay is None and not args.relay:
         raise ConfigError(
@@ -171,7 +207,7 @@ def cmd_earnings(args: argparse.Namespace) -> int:
         )
     node_id = args.relay or node_id_of(relay)  # type: ignore[arg-type]
     if not args.broker:
-        raise LocalError("earnings needs --broker", "e.g. --broker 203.0.113.2:8883")
+        raise LocalError("earnings --relay needs --broker", "e.g. --broker 203.0.113.2:8883")
     if relay is None:
         raise ConfigError(
             f"no node identity in {args.state_dir}",
@@ -193,16 +229,7 @@ def cmd_earnings(args: argparse.Namespace) -> int:
         raise RemoteError(f"the earnings report does not verify: {exc}") from None
     if report.get("node_id") != node_id:
         raise RemoteError("the earnings report is for another relay")
-    saved = Path(args.state_dir) / EARNINGS_FILE
-    if saved.parent.is_dir():
-        tmp = saved.with_suffix(".tmp")
-        tmp.write_bytes(wire)
-        tmp.replace(saved)
-    if args.json:
-        _print_json(report)
-        return 0
-    _print_report(report, pinned is not None)
-    return 0
+    return report, wire
 
 
 def _print_report(report: dict[str, Any], pinned: bool) -> None:
@@ -371,9 +398,10 @@ def add_parsers(sub: Any) -> None:  # noqa: ANN401 - argparse's private _SubPars
     earn = sub.add_parser(
         "earnings",
         help="this relay's earnings per epoch, from the accounting service; `verify` its claim",
-        description="Fetch this relay's signed earnings report over MQTT and show it"
-        " (pending and closed epochs: gross, fees, emission, net); it is saved in the state"
-        " dir, where `meshvpn earnings verify` checks leaf, proof and signed root offline.",
+        description="Show this relay's signed earnings report (pending and closed epochs:"
+        " gross, fees, emission, net): from the running relay agent, which follows it on the"
+        " broker, or with --broker straight from the broker. It is saved in the state dir,"
+        " where `meshvpn earnings verify` checks leaf, proof and signed root offline.",
     )
     earn_sub = earn.add_subparsers(dest="earnings_command", metavar="[verify]")
     for p in (earn, earn_sub.add_parser("verify", help="check the saved claim offline")):
@@ -388,7 +416,11 @@ def add_parsers(sub: Any) -> None:  # noqa: ANN401 - argparse's private _SubPars
             help="the accounting service's identity key to trust (base64)",
         )
         p.add_argument("--json", action="store_true")
-    earn.add_argument("--broker", metavar="HOST:PORT", help="the broker the service publishes on")
+    earn.add_argument(
+        "--broker",
+        metavar="HOST:PORT",
+        help="fetch the report from this broker (default: ask the running relay agent)",
+    )
     earn.add_argument("--relay", metavar="NODE_ID", help="another relay's node id")
     earn.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the report")
     verify = earn_sub.choices["verify"]

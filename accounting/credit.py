@@ -24,6 +24,7 @@ CREDIT_EXHAUSTED: Final = 1
 MIN_CREDIT: Final = 1  # a balance below this (zero or a debt) is no credit
 TOPIC_PREFIX: Final = "meshvpn/v1/credit/"
 TOPIC_FILTER: Final = TOPIC_PREFIX + "+"
+REFRESH_MS: Final = 5_000  # a changed balance alone is told no more often than this
 
 
 def credit_topic(client_node_id: str) -> str:
@@ -59,6 +60,15 @@ class CreditNotice(Message):
 def notice_for(client: str, balance: int, issued_ms: int) -> CreditNotice:
     status = CREDIT_OK if balance >= MIN_CREDIT else CREDIT_EXHAUSTED
     return CreditNotice(client, status, max(balance, 0), issued_ms)
+
+
+def worth_telling(published: tuple[int, int, int], notice: CreditNotice) -> bool:
+    """Publish ``notice`` after ``published`` (status, credit, when)? A new status at
+    once (relays act on it); a new balance only every ``REFRESH_MS``."""
+    status, amount, at = published
+    if notice.status != status:
+        return True
+    return notice.credit != amount and notice.issued_ms - at >= REFRESH_MS
 
 
 @dataclass

@@ -27,7 +27,9 @@ report (``accounting.earnings``) on ``meshvpn/v1/earnings/<relay node id>``,
 refreshed while its pending epoch grows. Credit: client balances are
 checked every second; when a client's status changes (ok <-> exhausted),
 a signed ``CreditNotice`` goes out retained on its credit topic, which
-relays with our key act on. On start everything retained is published again.
+relays with our key act on (and, at most every ``credit.REFRESH_MS``, when
+only its balance changed, so the client can show what it has left). On
+start everything retained is published again.
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ class AccountingService:
         self.counters: collections.Counter[str] = collections.Counter()
         self._logged: set[str] = set()
         self._dirty: set[PublicKey] = set()  # relays whose pending tally changed
-        self._credit: dict[str, int] = {}  # client -> status last published
+        # client -> (status, balance, when) last published
+        self._credit: dict[str, tuple[int, int, int]] = {}
         self._parties = -1  # number of parties at the last unpark
         self._republish = asyncio.Event()
         self.link = ControlLink(
@@ -385,11 +388,12 @@ class AccountingService:
             now = now_ms()
             for client, balance in sorted(balances.items()):
                 notice = credit.notice_for(client, balance, now)
-                if self._credit.get(client) == notice.status:
+                held = self._credit.get(client)
+                if held is not None and not credit.worth_telling(held, notice):
                     continue
                 wire = sign(notice, self.identity.identity_key)
                 if await self.link.publish(credit.credit_topic(client), wire, retain=True):
-                    self._credit[client] = notice.status
+                    self._credit[client] = (notice.status, notice.credit, now)
                     log.info(
                         "client %s: credit %s (balance %d)",
                         client,

@@ -461,9 +461,9 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from meshvpn.agent import StateLock  # noqa: PLC0415
-    from meshvpn.control import call  # noqa: PLC0415
     from meshvpn.footprint import Footprint  # noqa: PLC0415
     from meshvpn.killswitch import lockdown_left  # noqa: PLC0415
+    from meshvpn.views import read_status  # noqa: PLC0415
 
     state_dir = _state_dir(args)
     if state_dir.is_dir() and not StateLock(state_dir).held_by_other():
@@ -483,9 +483,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 + ("; a crashed agent left state behind: run `meshvpn down`" if leftovers else "")
             )
         return 1
-    answer = call(state_dir, "status")
-    answer.pop("ok", None)
-    answer["running"] = True
+    answer = read_status(state_dir)
     if args.json:
         _print_json(answer)
         return 0
@@ -556,6 +554,62 @@ def _print_status(s: dict[str, Any]) -> None:
             )
         for line in (path or {}).get("events", []):
             print(f"  {line}")
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    from meshvpn.views import peers_of, peers_text, read_status  # noqa: PLC0415
+
+    view = peers_of(read_status(_state_dir(args)))
+    if args.json:
+        _print_json(view)
+    else:
+        print("\n".join(peers_text(view)))
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    from meshvpn.control import call  # noqa: PLC0415
+
+    if args.count < 1:
+        raise LocalError(f"bad --count {args.count}", "give 1 or more")
+    timeout = 2.0 * (args.count + 8) + 5
+    answer = call(
+        _state_dir(args), "mesh_ping", timeout=timeout, node_id=args.node_id, count=args.count
+    )
+    answer.pop("ok", None)
+    if args.json:
+        _print_json(answer)
+    else:
+        _print_ping(answer)
+    return 0 if answer["received"] else 5
+
+
+def _print_ping(a: dict[str, Any]) -> None:
+    route = a.get("route")
+    first = (
+        "no route in this relay's mesh table"
+        if route is None
+        else f"first hop {route['neighbour'] or '?'} via {route['via']}, metric {route['metric']}"
+    )
+    print(f"ping {a['node_id']} at {a['mesh_address']}: {first}")
+    for hop in a["hops"]:
+        who = hop["node_id"] or hop["address"] or "*"
+        rtt = f"{hop['rtt_ms']:.1f} ms" if hop["rtt_ms"] is not None else "no answer"
+        print(f"  {hop['hop']}  {who}  {rtt}{'  (the node)' if hop['reached'] else ''}")
+    stats = (
+        f"min/avg/max {a['min_ms']:.1f}/{a['avg_ms']:.1f}/{a['max_ms']:.1f} ms"
+        if a["received"]
+        else "no answer"
+    )
+    print(f"{a['sent']} sent, {a['received']} received, {stats}")
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from meshvpn.dashboard import run  # noqa: PLC0415
+
+    if args.refresh <= 0 or args.refresh > 1:
+        raise LocalError(f"bad --refresh {args.refresh:g}", "give seconds in (0, 1]")
+    return run(_state_dir(args), args.refresh)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -640,9 +694,9 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from meshvpn.lab import nodes  # noqa: PLC0415
+    from meshvpn.lab import demo  # noqa: PLC0415
 
-    return nodes.demo(args)
+    return demo.run(args)
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -871,7 +925,11 @@ def _add_connect_parser(sub: Any) -> None:  # noqa: ANN401
         help="2 or more: leave at an exit other than the entry (with --exit-region: an exit"
         " there); the mesh's routing decides the path between them (default: %(default)s)",
     )
-    g.add_argument("--entry", metavar="NODE_ID", help="enter the mesh at this relay")
+    g.add_argument(
+        "--entry",
+        metavar="NODE_ID",
+        help="enter the mesh at this relay (single hop: connect through this relay)",
+    )
     g = p.add_argument_group("by hand (without --broker)")
     g.add_argument("--relay", metavar="HOST:PORT", help="the relay's WireGuard endpoint")
     g.add_argument("--relay-key", metavar="KEY", help="the relay's WireGuard public key")
@@ -953,12 +1011,61 @@ def _add_broker_parser(sub: Any) -> None:  # noqa: ANN401
     p.set_defaults(func=cmd_broker)
 
 
+def _add_read_parsers(sub: Any) -> None:  # noqa: ANN401
+    """peers, ping, dashboard: what the agent knows, read over its control socket."""
+    p = sub.add_parser(
+        "peers",
+        help="a relay's mesh neighbours and client sessions; a client's path",
+    )
+    _add_state_dir(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_peers)
+
+    p = sub.add_parser(
+        "ping",
+        help="from a relay: RTT and hops to another relay over the mesh (ICMPv6 echo)",
+        description="Echo requests to the relay's mesh address, first with a growing hop"
+        " limit (each relay on the way answers from its own mesh address), then COUNT"
+        " plain ones; prints the hops and the RTTs, and this relay's route (first hop,"
+        " metric). Exit 5 if no echo came back.",
+    )
+    _add_state_dir(p)
+    p.add_argument("node_id", metavar="NODE_ID", help="the other relay's node id")
+    p.add_argument(
+        "-c", "--count", type=int, default=3, help="echo requests (default: %(default)s)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ping)
+
+    p = sub.add_parser(
+        "dashboard",
+        help="the agent live in the terminal: earnings, traffic, sessions, mesh (Ctrl-C ends)",
+        description="Relay: node, roles, uptime, broker and accounting, earnings per epoch,"
+        " throughput, data shared against the cap, sessions, mesh neighbours, alerts."
+        " Client: path, throughput, bytes, cost, credit. The figures are those of `meshvpn"
+        " status --json` and `meshvpn earnings --json`. Ctrl-C exits 0; if the agent goes"
+        " away, one line says so and the exit code is 1.",
+    )
+    _add_state_dir(p)
+    p.add_argument(
+        "--refresh",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="seconds between refreshes, at most 1 (default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_dashboard)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshvpn",
         description="A bandwidth-sharing mesh VPN over WireGuard.",
-        epilog="Exit codes: 0 ok, 1 host error, 2 usage, 3 config/state, 4 already running,"
-        " 5 peer did not answer, 130 interrupted.",
+        epilog="Exit codes: 0 ok; 1 error on this host (also: no agent runs, for status,"
+        " peers, ping, dashboard); 2 bad usage; 3 bad configuration or state directory;"
+        " 4 another agent owns the state directory; 5 a peer did not answer or misbehaved"
+        " (ping: no echo came back); 130 interrupted. Errors are one line: `error: <what>;"
+        " <what to do>`. Every command that reads has --json.",
     )
     parser.add_argument("--version", action="version", version=f"meshvpn {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
@@ -1038,6 +1145,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_state_dir(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    _add_read_parsers(sub)
 
     from meshvpn.lab.nodes import add_lab_parsers  # noqa: PLC0415
 

@@ -31,6 +31,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+from accounting.credit import CreditNotice, credit_topic
 from accounting.exchange import (
     ACK_MAGIC,
     CHANNEL_PORT,
@@ -67,10 +68,18 @@ from meshvpn.killswitch import (
     lock_down,
     set_allowed,
 )
-from meshvpn.messages import ROLE_MESH, STATUS_NAMES, MessageError, SessionGrant, SessionRequest
+from meshvpn.messages import (
+    ROLE_MESH,
+    STATUS_NAMES,
+    MessageError,
+    SessionGrant,
+    SessionRequest,
+    verify,
+)
 from meshvpn.mqtt import BrokerAddress, ControlLink, load_credentials
 from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeSent, check_reply, make_request, reply_nonce
+from meshvpn.rates import Throughput
 from meshvpn.tunnel import DEFAULT_FWMARK, full_tunnel
 from meshvpn.wireguard.backend import UserspaceDevice, WireGuardDevice, open_device
 from meshvpn.wireguard.model import Endpoint, PeerSpec
@@ -90,6 +99,7 @@ MESH_RANGE: Final = ipaddress.IPv6Network("fd00::/8")  # relay.mesh.MESH_RANGE
 INNER_MTU: Final = TUNNEL_MTU - 80
 PATH_KEEPALIVE: Final = 5  # s; multi-hop links keep talking, so a silent one is dead
 ECHO_INTERVAL_S: Final = 0.5
+THROUGHPUT_SAMPLE_S: Final = 1.0
 ENTRY_DEAD_S: Final = 2.0  # no echo from the entry this long: switch to the standby
 EXIT_DEAD_S: Final = 10.0  # longer: routing converges around a dead transit relay first
 
@@ -108,7 +118,7 @@ class ClientOptions(CommonOptions):
     lockdown: bool = True  # the kill switch: see meshvpn.killswitch
     allow_lan: bool = False
     exit_node: str = ""  # multi-hop: leave the mesh here
-    entry_node: str = ""  # multi-hop: enter the mesh here
+    entry_node: str = ""  # enter the mesh here (single hop: the relay to use)
     hops: int = 1
 
     @property
@@ -239,6 +249,9 @@ class ClientAgent(Agent):
         self.credentials = (
             load_credentials(opts.state_dir, self.identity) if opts.broker is not None else None
         )
+        self.path_rtt_ms: dict[str, float] = {}  # multi-hop: the latest echo to entry and exit
+        self.credit: dict[str, Any] | None = None
+        self.throughput = Throughput()  # up: what this client sends, down: what it gets
 
     # ---- finding a relay
 
@@ -277,7 +290,10 @@ class ClientAgent(Agent):
             tls=self.credentials.context(broker.host),
             # QoS 0: announcements are refreshed anyway, and QoS 0 is not held
             # back by the broker's in-flight window when thousands are retained.
-            subscriptions=[(ANNOUNCE_PREFIX + "+", 0)],
+            subscriptions=[
+                (ANNOUNCE_PREFIX + "+", 0),
+                (credit_topic(self.identity.node_id), 1),  # what the client has left
+            ],
             handler=self._on_message,
         )
         self.spawn(self.link.run())
@@ -348,8 +364,8 @@ class ClientAgent(Agent):
         )
         if opts.multihop:
             found = [e for e in found if e.announcement.roles & ROLE_MESH]
-            if opts.entry_node and opts.entry_node not in exclude:
-                found = [e for e in found if e.node_id == opts.entry_node]
+        if opts.entry_node and opts.entry_node not in exclude:
+            found = [e for e in found if e.node_id == opts.entry_node]
         return found[:PROBE_CANDIDATES]
 
     async def _find_relay(
@@ -498,6 +514,9 @@ class ClientAgent(Agent):
             log.warning("dropped a control message (%s); further ones are only counted", reason)
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == credit_topic(self.identity.node_id):
+            self._on_credit(payload)
+            return
         if topic.startswith(ANNOUNCE_PREFIX):
             reason = self.directory.offer(topic, payload, now_ms())
             if reason is not None and reason not in self._rejections_logged:
@@ -507,6 +526,40 @@ class ClientAgent(Agent):
         future = self._pending.get(topic)
         if future is not None and not future.done():
             future.set_result(payload)
+
+    def _on_credit(self, payload: bytes) -> None:
+        """The accounting service's newest word on this client's balance (the relays
+        act on the same notices; the client only shows it)."""
+        try:
+            signed = verify(payload, CreditNotice)
+        except MessageError:
+            self._count_reject("credit-notice")
+            return
+        notice = signed.message
+        assert isinstance(notice, CreditNotice)  # noqa: S101 - verify() checked the type
+        held = self.credit
+        if notice.client != self.identity.node_id or (
+            held is not None and notice.issued_ms <= held["issued_ms"]
+        ):
+            self._count_reject("credit-notice")
+            return
+        self.credit = {
+            "status": "ok" if notice.ok else "exhausted",
+            "credit": notice.credit,
+            "issued_ms": notice.issued_ms,
+            "accounting_key": signed.signer.b64,
+        }
+
+    async def _sample_throughput(self) -> None:
+        """Once a second: the paying session's counters into the throughput history."""
+        while True:
+            await asyncio.sleep(THROUGHPUT_SAMPLE_S)
+            tunnel_to = self.exit or self.chosen
+            if self.device is None or tunnel_to is None:
+                continue
+            peer = (await self.device.state()).peers.get(tunnel_to.wireguard_key)
+            counters = {} if peer is None else {"session": (peer.tx_bytes, peer.rx_bytes)}
+            self.throughput.observe(now_ms(), counters)
 
     # ---- the tunnel
 
@@ -632,7 +685,7 @@ class ClientAgent(Agent):
         if chosen is None or chosen.grant is None or chosen.entry is None:
             return []
         assert self.device is not None  # noqa: S101 - built
-        jobs: list[Coroutine[Any, Any, None]] = []
+        jobs: list[Coroutine[Any, Any, None]] = [self._sample_throughput()]
         if self.exit is None:
             self.duties["relay"] = _Duty(self, "relay", chosen, self.device, self.opts.ifname)
         else:
@@ -674,6 +727,7 @@ class ClientAgent(Agent):
                     "exit": self.exit.endpoint.host,
                 }
                 seq = (seq + 1) & 0xFFFF
+                sent_at = loop.time()
                 for target in targets.values():
                     with contextlib.suppress(OSError):
                         sock.sendto(
@@ -692,6 +746,7 @@ class ClientAgent(Agent):
                     for name, target in targets.items():
                         if source == target:
                             heard[name] = loop.time()
+                            self.path_rtt_ms[name] = round((heard[name] - sent_at) * 1000, 2)
                 now = loop.time()
                 if now - heard["entry"] > ENTRY_DEAD_S:
                     if await self._switch_entry():
@@ -840,6 +895,8 @@ class ClientAgent(Agent):
             path = {
                 "entry": chosen.node_id,
                 "entry_rtt_ms": chosen.rtt_ms,
+                "entry_echo_rtt_ms": self.path_rtt_ms.get("entry"),
+                "exit_rtt_ms": self.path_rtt_ms.get("exit"),
                 "exit": self.exit.node_id,
                 "exit_endpoint": str(self.exit.endpoint),
                 "standby_entry": self.standby_entry.node_id if self.standby_entry else None,
@@ -864,6 +921,8 @@ class ClientAgent(Agent):
             },
             "lockdown": lockdown,
             "lockdown_dropped": await dropped_counts() if lockdown else {},
+            "throughput": self.throughput.status(now_ms()),
+            "credit": self.credit,
         }
 
 

@@ -49,6 +49,12 @@ class AlreadyRunningError(LocalError):
     exit_code = 4
 
 
+class NoAgentError(LocalError):
+    """No agent listens on the state directory's control socket (none runs, or it died)."""
+
+    exit_code = 1
+
+
 class RemoteError(MeshvpnError):
     """A peer misbehaved or did not answer."""
 

@@ -205,12 +205,13 @@ def _os_reason(exc: OSError) -> str:
 
 
 def ensure_state_dir(state_dir: Path) -> None:
-    """Create the state directory 0700, or check that an existing one is private."""
+    """Create the state directory 0700, or check that an existing one is private
+    (its group may traverse it to reach the control socket, never list it)."""
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         mode = stat.S_IMODE(state_dir.stat().st_mode)
-        if mode & 0o077:
-            state_dir.chmod(mode & 0o700)
+        if mode & 0o067:  # group may traverse, no more (the control socket: meshvpn.control)
+            state_dir.chmod(mode & 0o710)
         probe = state_dir / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()

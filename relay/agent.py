@@ -45,6 +45,7 @@ from meshvpn.directory import ANNOUNCE_PREFIX, announce_topic, reply_topic, sess
 from meshvpn.errors import LocalError
 from meshvpn.footprint import nft_apply, write_sysctl
 from meshvpn.handshake import accept_request
+from meshvpn.icmp import probe_path
 from meshvpn.identity import PublicKey, client_mesh_address, node_id_of
 from meshvpn.messages import (
     ROLE_ENTRY,
@@ -61,9 +62,11 @@ from meshvpn.messages import (
 from meshvpn.mqtt import BrokerAddress, ControlLink, WillMessage, load_credentials
 from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeResponder
+from meshvpn.rates import Throughput
 from meshvpn.wireguard.model import Endpoint, PeerSpec
 from relay.controls import Loader, OperatorControls
 from relay.credit import NO_CREDIT, CreditGate
+from relay.earnings_feed import EPOCHS_FILTER, EarningsFeed
 from relay.exit import (
     DEFAULT_EXIT_POLICY,
     ExitPolicy,
@@ -83,6 +86,7 @@ log = logging.getLogger("meshvpn.relay")
 
 EXPIRY_CHECK_S: Final = 5.0
 BAN_MS: Final = 10 * 60_000
+THROUGHPUT_SAMPLE_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,14 @@ class _ProbeProtocol(asyncio.DatagramProtocol):
         reply = self.responder.handle(data, str(addr[0]), now_ms())
         if reply is not None and self.transport is not None:
             self.transport.sendto(reply, addr)
+
+
+def session_role(endpoint_host: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> str:
+    """A session reached over the mesh ends here as the path's exit; any other is the
+    client's access link: this relay is its entry (and its exit, on a single hop)."""
+    if endpoint_host is not None and endpoint_host in MESH_RANGE:
+        return "exit"
+    return "entry"
 
 
 class RelayAgent(Agent):
@@ -172,7 +184,11 @@ class RelayAgent(Agent):
         self._peers_changed = asyncio.Event()
         self.mesh: Mesh | None = None
         self.credit = CreditGate(opts.accounting_key) if opts.accounting_key else None
+        self.earnings = EarningsFeed(self.identity.node_id, opts.accounting_key)
+        self.throughput = Throughput()
         self.control.handlers["admit"] = self._op_admit
+        self.control.handlers["earnings"] = self._op_earnings
+        self.control.handlers["mesh_ping"] = self._op_mesh_ping
         self.control.handlers["release"] = self._op_release
         self.control.handlers["reload"] = self._op_reload
 
@@ -310,12 +326,17 @@ class RelayAgent(Agent):
         assert self.device is not None  # noqa: S101 - built before background()
         jobs = [
             self.controls.watch(self),
+            self._sample_throughput(),
             self._expire_sessions(),
             self.desk.meter(self.device, self._cut_off),
             self.desk.serve_channel(self.pool.gateway),
         ]
         if self.opts.broker is not None:
-            subscriptions = [(session_topic(self.identity.node_id), 1)]
+            subscriptions = [
+                (session_topic(self.identity.node_id), 1),
+                (self.earnings.topic, 1),
+                (EPOCHS_FILTER, 1),
+            ]
             if self.credit is not None:
                 subscriptions.append((CREDIT_TOPICS, 1))
                 subscriptions.append((booked_topic(self.identity.node_id), 1))
@@ -437,6 +458,9 @@ class RelayAgent(Agent):
             )
 
     async def _on_message(self, topic: str, payload: bytes) -> None:
+        if self.earnings.wants(topic):
+            self.earnings.on_message(topic, payload, now_ms())
+            return
         if self.credit is not None and topic.startswith(CREDIT_PREFIX):
             await self._on_credit_notice(topic, payload)
             return
@@ -578,20 +602,86 @@ class RelayAgent(Agent):
     async def _op_reload(self, _req: dict[str, Any]) -> dict[str, Any]:
         return await self.controls.reload(self)
 
+    async def _op_earnings(self, _req: dict[str, Any]) -> dict[str, Any]:
+        """The newest verified earnings report (``meshvpn earnings``, the dashboard)."""
+        if self.earnings.report is None:
+            why = "no broker" if self.opts.broker is None else "none heard yet"
+            raise LocalError(
+                f"this relay has no earnings report from the accounting service ({why})",
+                "is `meshvpn accounting serve` running on the broker, and has this relay"
+                " carried paid traffic?",
+            )
+        return {
+            "report": self.earnings.report,
+            "wire": self.earnings.report_wire.decode(),
+            "accounting": self.earnings.status(now_ms()),
+        }
+
+    async def _op_mesh_ping(self, req: dict[str, Any]) -> dict[str, Any]:
+        """RTT and hops to another relay over the mesh (``meshvpn ping``)."""
+        if self.mesh is None:
+            raise LocalError("this relay runs no mesh", "start it with --mesh to ping over it")
+        node_id = str(req.get("node_id", ""))
+        count = max(1, min(int(req.get("count", 3)), 20))
+        if node_id == self.identity.node_id:
+            raise LocalError("that is this relay's own node id", "give another relay's")
+        address, route = self.mesh.resolve(node_id)
+        hops, rtts = await asyncio.to_thread(probe_path, address, count)
+        answered = [r for r in rtts if r is not None]
+        return {
+            "node_id": node_id,
+            "mesh_address": str(address),
+            "route": route,
+            "hops": [
+                {
+                    "hop": h.hop,
+                    "address": h.address,
+                    "node_id": self.mesh.node_of_address(h.address) if h.address else None,
+                    "rtt_ms": h.rtt_ms,
+                    "reached": h.reached,
+                }
+                for h in hops
+            ],
+            "rtt_ms": rtts,
+            "sent": count,
+            "received": len(answered),
+            "min_ms": min(answered, default=None),
+            "avg_ms": round(sum(answered) / len(answered), 2) if answered else None,
+            "max_ms": max(answered, default=None),
+        }
+
+    async def _sample_throughput(self) -> None:
+        """Once a second: the clients' counters into the throughput history."""
+        while True:
+            await asyncio.sleep(THROUGHPUT_SAMPLE_S)
+            if self.device is None:
+                continue
+            peers = (await self.device.state()).peers
+            counters = {key.b64: (p.rx_bytes, p.tx_bytes) for key, p in peers.items()}
+            self.throughput.observe(now_ms(), counters)
+
     async def status(self) -> dict[str, Any]:
         base = await super().status()
+        now = now_ms()
         peers = []
         if self.device is not None:
             state = await self.device.state()
             for key, peer in sorted(state.peers.items()):
                 session = self.book.sessions.get(key)
+                endpoint = peer.spec.endpoint
                 peers.append(
                     {
                         "wireguard_key": key.b64,
                         "address": str(self.pool.leases.get(key, "")),
                         "session_id": session.session_id.hex() if session else None,
                         "client_id": session.client_identity.b64 if session else None,
-                        "endpoint": str(peer.spec.endpoint) if peer.spec.endpoint else None,
+                        "client_node_id": node_id_of(session.client_identity) if session else None,
+                        # over the mesh: this relay is the exit of a multi-hop path; else
+                        # the client's access link (its entry, and its exit if single-hop)
+                        "role": session_role(endpoint.host if endpoint else None),
+                        "granted_ms": session.granted_ms if session else None,
+                        "duration_s": (now - session.granted_ms) // 1000 if session else None,
+                        "endpoint": str(endpoint) if endpoint else None,
                         "rx_bytes": peer.rx_bytes,
                         "tx_bytes": peer.tx_bytes,
                         "last_handshake": peer.last_handshake,
@@ -619,8 +709,19 @@ class RelayAgent(Agent):
             "receipts": self.desk.summary(),
             "sharing": self.controls.status(),
             "peers": peers,
-            "mesh": self.mesh.status() if self.mesh is not None else None,
+            "mesh": None if self.mesh is None else self.mesh.status(await self.mesh.link_bytes()),
+            "roles": self.roles(),
+            "throughput": self.throughput.status(now),
+            "accounting": self.earnings.status(now),
         }
+
+    def roles(self) -> list[str]:
+        """What this relay offers: entry always, exit if the owner allows, mesh if linked."""
+        return [
+            "entry",
+            *(["exit"] if self.controls.settings.exit else []),
+            *(["mesh"] if self.mesh is not None else []),
+        ]
 
     async def before_stop(self) -> None:
         await self._clear_announcement()

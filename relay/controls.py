@@ -104,10 +104,19 @@ class OperatorControls:
             data = json.loads(self.usage_path.read_text())
             self.usage.month = str(data["month"])
             self.usage.used_bytes = int(data["used_bytes"])
+            self.usage.day = str(data.get("day", ""))
+            self.usage.day_bytes = int(data.get("day_bytes", 0))
 
     def save_usage(self) -> None:
         tmp = self.usage_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"month": self.usage.month, "used_bytes": self.usage.used_bytes}))
+        u = self.usage
+        saved = {
+            "month": u.month,
+            "used_bytes": u.used_bytes,
+            "day": u.day,
+            "day_bytes": u.day_bytes,
+        }
+        tmp.write_text(json.dumps(saved))
         tmp.replace(self.usage_path)
         self._saved_at = time.monotonic()
 
@@ -244,6 +253,9 @@ class OperatorControls:
             "reason": self.gate.reason,
             "month": self.usage.month,
             "used_bytes": self.usage.used_bytes,
+            "day": self.usage.day,
+            "day_bytes": self.usage.day_bytes,
+            "monthly_cap_bytes": self.settings.monthly_cap_bytes,
             "capacity": self.capacity,
             "bandwidth_kbit": self.shaped_kbit,
             "reloads": self.reloads,

@@ -523,8 +523,56 @@ class Mesh:
         self.links.clear()
         self.by_ifname.clear()
 
-    def status(self) -> dict[str, Any]:
+    async def link_bytes(self) -> dict[str, tuple[int, int]]:
+        """(received, sent) on each link's WireGuard interface, by interface name."""
+        out = {}
+        for link in list(self.links.values()):
+            if link.device is None:
+                continue
+            try:
+                peers = (await link.device.state()).peers
+            except (OSError, LocalError):
+                continue  # the link is going away just now
+            out[link.ifname] = (
+                sum(p.rx_bytes for p in peers.values()),
+                sum(p.tx_bytes for p in peers.values()),
+            )
+        return out
+
+    def resolve(self, node_id: str) -> tuple[ipaddress.IPv6Address, dict[str, Any] | None]:
+        """A relay's mesh address (from its announcement) and this relay's route to it:
+        ``{"prefix", "via", "neighbour", "metric"}``, or None when there is none."""
+        entry = self.directory.entries.get(node_id)
+        if entry is None:
+            raise LocalError(
+                f"no relay {node_id} is announced on the broker",
+                "check the node id (`meshvpn id` on that relay)",
+            )
+        address = ipaddress.IPv6Address(entry.announcement.mesh_address)
+        prefix = mesh_prefix_of(address)
+        route = self.router.table().get(prefix)
+        if route is None:
+            return address, None
+        neighbour = next((x.node_id for x in self.links.values() if x.ifname == route.link), None)
+        return address, {
+            "prefix": str(prefix),
+            "via": route.link,
+            "neighbour": neighbour,
+            "metric": route.metric,
+        }
+
+    def node_of_address(self, address: str) -> str | None:
+        """Which announced relay has this mesh address (for the hops of a ping)."""
+        if address == str(self.address):
+            return self.identity.node_id
+        for node_id, entry in self.directory.entries.items():
+            if str(ipaddress.IPv6Address(entry.announcement.mesh_address)) == address:
+                return node_id
+        return None
+
+    def status(self, link_bytes: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Any]:
         neighbours = self.router.neighbours()
+        counted = link_bytes or {}
         return {
             "address": str(self.address),
             "prefix": str(self.prefix),
@@ -535,6 +583,8 @@ class Mesh:
                     "mesh_address": str(link.mesh_address),
                     **_neighbour_status(neighbours.get(link.ifname)),
                     "probe_rtt_ms": self.rtt_ms.get(link.node_id),
+                    "rx_bytes": counted.get(link.ifname, (None, None))[0],
+                    "tx_bytes": counted.get(link.ifname, (None, None))[1],
                 }
                 for link in sorted(self.links.values(), key=lambda x: x.slot)
             ],

@@ -174,6 +174,11 @@ def month_of(now_ms: int, timezone: str) -> str:
     return f"{local.year:04d}-{local.month:02d}"
 
 
+def day_of(now_ms: int, timezone: str) -> str:
+    local = dt.datetime.fromtimestamp(now_ms / 1000, zoneinfo.ZoneInfo(timezone))
+    return f"{local.year:04d}-{local.month:02d}-{local.day:02d}"
+
+
 @dataclass
 class UsageMeter:
     """Bytes relayed this month, summed from per-peer counters that only grow.
@@ -182,10 +187,13 @@ class UsageMeter:
     and what they got down. A counter that went down belongs to a peer that was
     removed and added again (or a device that was recreated): it counts from
     zero again. ``up``/``down`` keep counting across months (for metrics).
+    ``day_bytes`` is today's share of it (days in the same time zone).
     """
 
     month: str = ""
     used_bytes: int = 0
+    day: str = ""
+    day_bytes: int = 0
     up: int = 0
     down: int = 0
     last: dict[str, tuple[int, int]] = field(default_factory=dict)  # by WireGuard key
@@ -195,6 +203,9 @@ class UsageMeter:
         month = month_of(now_ms, timezone)
         if month != self.month:
             self.month, self.used_bytes = month, 0
+        day = day_of(now_ms, timezone)
+        if day != self.day:
+            self.day, self.day_bytes = day, 0
         added_up = added_down = 0
         for key, (rx, tx) in counters.items():
             last_rx, last_tx = self.last.get(key, (0, 0))
@@ -204,6 +215,7 @@ class UsageMeter:
         self.up += added_up
         self.down += added_down
         self.used_bytes += added_up + added_down
+        self.day_bytes += added_up + added_down
         return added_up + added_down
 
 

@@ -92,9 +92,15 @@ def test_help_explains_every_command() -> None:
         "broker",
         "lab",
         "demo",
+        "peers",
+        "ping",
+        "dashboard",
+        "earnings",
+        "accounting",
     ):
         assert f"    {command} " in proc.stdout
     assert "Exit codes" in proc.stdout
+    assert "--json" in proc.stdout
 
 
 def refused_key(proc: subprocess.CompletedProcess[str], key: Path) -> None:
@@ -163,3 +169,30 @@ def test_broker_enroll_then_init_enroll(tmp_path: Path) -> None:
     (broker_dir / "ca.key").chmod(0o644)
     refused = meshvpn("broker", "enroll", key, "--state-dir", str(broker_dir))
     assert f"chmod 600 {broker_dir / 'ca.key'}" in one_error_line(refused)
+
+
+def test_read_commands_without_agent_say_so_in_one_line(tmp_path: Path) -> None:
+    assert meshvpn("init", "--state-dir", str(tmp_path)).returncode == 0
+    for argv in (
+        ["peers"],
+        ["peers", "--json"],
+        ["ping", "mv" + "a" * 26],
+        ["dashboard"],
+        ["earnings", "--json"],
+    ):
+        proc = meshvpn(*argv, "--state-dir", str(tmp_path))
+        assert proc.returncode == 1, argv
+        line = one_error_line(proc)
+        assert "no " in line, line
+        assert "agent" in line, line
+        assert "; " in line, line  # and what to do
+        assert proc.stdout == ""
+
+
+def test_demo_needs_a_terminal_or_a_duration() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshvpn", "demo"],
+        capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "--duration 60 --json" in one_error_line(proc)

@@ -14,6 +14,7 @@ from accounting.credit import (
     CreditNotice,
     credit_topic,
     notice_for,
+    worth_telling,
 )
 from meshvpn.identity import PrivateKey, node_id_of
 from meshvpn.messages import SessionRequest, sign, verify
@@ -87,3 +88,11 @@ def test_gate_refuses_until_vouched_for_and_cuts_off_when_exhausted() -> None:
     assert gate.counters["notice-dropped:replayed"] == 1
     assert gate.counters["notice-dropped:wrong-signer"] == 1
     assert gate.counters["notice-dropped:wrong-topic"] == 1
+
+
+def test_a_new_status_is_told_at_once_a_new_balance_every_few_seconds() -> None:
+    published = (0, 500, 10_000)  # ok, 500 left, told at 10 s
+    assert not worth_telling(published, notice_for(CLIENT_ID, 500, 60_000))  # nothing new
+    assert not worth_telling(published, notice_for(CLIENT_ID, 400, 14_999))  # too soon
+    assert worth_telling(published, notice_for(CLIENT_ID, 400, 15_000))
+    assert worth_telling(published, notice_for(CLIENT_ID, 0, 10_001))  # exhausted: at once

@@ -91,6 +91,16 @@ def test_usage_counts_deltas_resets_and_months() -> None:
     assert (meter.used_bytes, meter.month, meter.up + meter.down) == (1, "2025-02", 421)
 
 
+def test_usage_counts_today_apart_in_the_owners_time_zone() -> None:
+    meter = UsageMeter()
+    evening = ms("2025-03-10 23:30", "Europe/Berlin")
+    meter.observe(evening, "Europe/Berlin", {"a": (100, 0)})
+    assert (meter.day, meter.day_bytes, meter.used_bytes) == ("2025-03-10", 100, 100)
+    # 23:30 UTC+1 and an hour on is the next day in Berlin: the day starts over, the month not
+    meter.observe(evening + 3_600_000, "Europe/Berlin", {"a": (130, 7)})
+    assert (meter.day, meter.day_bytes, meter.used_bytes) == ("2025-03-11", 37, 137)
+
+
 @given(
     st.lists(
         st.dictionaries(st.sampled_from("abc"), st.tuples(st.integers(0, 9), st.integers(0, 9)))
