@@ -8,6 +8,12 @@ it: publishing while disconnected returns False and the caller moves on.
 
 Only plain MQTT 3.1.1 features are used (QoS 0/1, retained messages, last
 will), so mosquitto, EMQX or VerneMQ all serve.
+
+Under a flood, memory stays bounded: messages wait in one queue of at most
+``MAX_QUEUED_IN`` (each at most the broker's packet limit, 8 KiB) and the
+handler takes them one at a time; what arrives while the queue is full is
+dropped and counted (``dropped``), and said once in the log rather than once
+per message as aiomqtt would.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ log = logging.getLogger("meshvpn.mqtt")
 BACKOFF_START: Final = 0.25
 BACKOFF_MAX: Final = 5.0
 KEEPALIVE: Final = 10
-MAX_QUEUED_IN: Final = 4096
+MAX_QUEUED_IN: Final = 1024
+_QUEUE_FULL: Final = "Message queue is full"
 
 Handler = Callable[[str, bytes], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
@@ -84,6 +91,22 @@ class WillMessage:
     retain: bool = True
 
 
+class _CountDrops(logging.Filter):
+    """aiomqtt warns once per message it drops from a full queue: count them instead."""
+
+    def __init__(self, link: ControlLink) -> None:
+        super().__init__()
+        self.link = link
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(_QUEUE_FULL):
+            return True
+        self.link.dropped += 1
+        if self.link.dropped == 1:
+            log.warning("messages arrive faster than they are handled; dropping and counting")
+        return False
+
+
 class ControlLink:
     def __init__(
         self,
@@ -112,6 +135,9 @@ class ControlLink:
         self.connected = asyncio.Event()
         self.outages = 0
         self.handler_errors = 0
+        self.dropped = 0  # messages dropped because the incoming queue was full
+        self._logger = logging.getLogger(f"meshvpn.mqtt.client.{self.client_id}")
+        self._logger.addFilter(_CountDrops(self))
         self._kicked = asyncio.Event()
 
     def _new_client(self) -> aiomqtt.Client:
@@ -129,6 +155,7 @@ class ControlLink:
             timeout=5,
             max_queued_incoming_messages=MAX_QUEUED_IN,
             clean_session=False if self.persistent else None,
+            logger=self._logger,
         )
         if self.on_delivery is not None:
             # aiomqtt has no switch for paho's manual acks yet (aiomqtt issue #345)

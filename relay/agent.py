@@ -18,6 +18,15 @@ sharing hours; reloaded on SIGHUP or ``meshvpn reload``) are decided in
 ``relay.operator`` and carried out by ``relay.controls``; this file only
 consults them (``self.controls``) and offers them ``end_sessions``,
 ``announce_now`` and ``apply_exit``.
+
+Under a flood every input meets a bound before it costs anything: session
+requests a size check, then one budget for opening them, then per-identity
+limits and a budget for new sessions (relay.sessions); probes per-source and
+overall buckets (meshvpn.probe); receipts per-session and overall buckets
+(relay.metering); MQTT messages one bounded queue (meshvpn.mqtt). What is
+dropped is counted in ``status --json`` and logged once per reason (grants
+and refusals at most ``LOG_BURST`` lines a minute each), so neither memory
+nor the log grows with the flood.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from meshvpn.clock import now_ms
 from meshvpn.directory import ANNOUNCE_PREFIX, announce_topic, reply_topic, session_topic
 from meshvpn.errors import LocalError
 from meshvpn.footprint import nft_apply, write_sysctl
-from meshvpn.handshake import accept_request
+from meshvpn.handshake import ReceivedRequest, accept_request, request_size_ok
 from meshvpn.identity import PublicKey, client_mesh_address, node_id_of
 from meshvpn.messages import (
     ROLE_ENTRY,
@@ -59,7 +68,8 @@ from meshvpn.messages import (
 from meshvpn.mqtt import BrokerAddress, ControlLink, WillMessage
 from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeResponder
-from meshvpn.wireguard.model import Endpoint, PeerSpec
+from meshvpn.ratelimit import RateTable
+from meshvpn.wireguard.model import DeviceState, Endpoint, PeerSpec
 from relay.controls import Loader, OperatorControls
 from relay.credit import NO_CREDIT, CreditGate
 from relay.exit import (
@@ -69,6 +79,7 @@ from relay.exit import (
     discover_host_networks,
     exit_ruleset,
     mesh_sources_update,
+    read_counters,
 )
 from relay.exit import TABLE as EXIT_TABLE
 from relay.mesh import MESH_RANGE, Mesh, MeshOptions
@@ -80,7 +91,10 @@ from relay.sessions import Session, SessionBook
 log = logging.getLogger("meshvpn.relay")
 
 EXPIRY_CHECK_S: Final = 5.0
+CONFIRM_CHECK_S: Final = 1.0  # how soon a new session's first handshake is noticed
 BAN_MS: Final = 10 * 60_000
+LOG_BURST: Final = 10  # log lines per kind of event...
+LOG_REFILL_MS: Final = 6_000  # ...and one more every 6 s
 
 
 @dataclass(frozen=True)
@@ -127,6 +141,7 @@ class _ProbeProtocol(asyncio.DatagramProtocol):
 class RelayAgent(Agent):
     role = "relay"
     opts: RelayOptions
+    count_spoofed = True
 
     def __init__(self, opts: RelayOptions) -> None:
         super().__init__(opts)
@@ -163,6 +178,7 @@ class RelayAgent(Agent):
         self.link: ControlLink | None = None
         self.counters: collections.Counter[str] = collections.Counter()
         self._logged: set[str] = set()
+        self._log_budget: RateTable[str] = RateTable(LOG_BURST, LOG_REFILL_MS, 64)
         self._last_issued = 0
         self._peers_changed = asyncio.Event()
         self.mesh: Mesh | None = None
@@ -428,6 +444,12 @@ class RelayAgent(Agent):
                 "dropped a session request (%s): %s; further ones are only counted", reason, detail
             )
 
+    def _log_limited(self, kind: str, msg: str, *args: object) -> None:
+        if self._log_budget.allow(kind, now_ms()):
+            log.info(msg, *args)
+        else:
+            self.counters[f"log-suppressed:{kind}"] += 1
+
     async def _on_message(self, topic: str, payload: bytes) -> None:
         if self.credit is not None and topic.startswith(CREDIT_PREFIX):
             await self._on_credit_notice(topic, payload)
@@ -439,10 +461,17 @@ class RelayAgent(Agent):
             if self.mesh.want_reply(topic):
                 self.mesh.on_reply(topic, payload)
                 return
+        self.counters["session-messages"] += 1
         if topic != session_topic(self.identity.node_id):
             self._count_reject("wrong-topic", topic[:80])
             return
+        if not request_size_ok(payload):  # before any work
+            self._count_reject("malformed", f"{len(payload)} bytes, not a request's size")
+            return
         now = now_ms()
+        if not self.book.may_open(now):
+            self._count_reject("overload", "more requests than the relay opens per second")
+            return
         try:
             received = accept_request(
                 self.identity.control_key, self.identity.identity_public, payload, now
@@ -455,33 +484,55 @@ class RelayAgent(Agent):
             if self.mesh is None:
                 self._count_reject("no-mesh", "a link request, but this relay runs no mesh")
                 return
+            self.counters["requests:link"] += 1
             link_grant = await self.mesh.on_link_request(received)
             wire = received.answer(link_grant, self.identity.identity_key)
             await self.link.publish(reply_topic(received.request.reply_token), wire)
             return
+        await self._on_session_request(received, now)
+
+    async def _on_session_request(self, received: ReceivedRequest, now: int) -> None:
+        assert self.link is not None  # noqa: S101 - messages only come through the link
+        assert isinstance(received.request, SessionRequest)  # noqa: S101 - links went to the mesh
         refusal = self._credit_refusal(received.request, received.client_identity, now)
         if refusal is not None:
+            self.counters["requests:no-credit"] += 1
             wire = received.answer(refusal, self.identity.identity_key)
             await self.link.publish(reply_topic(received.request.reply_token), wire)
             return
+        if self.book.would_evict(received.request) and self.device is not None:
+            # Fresh handshakes first: a client that came up a moment ago is in use.
+            self.book.confirm(self._handshakes(await self.device.state()))
         decision = self.book.decide(
             received.request, received.client_identity, received.ephemeral, os.urandom(16), now
         )
         self.counters[f"requests:{decision.reason}"] += 1
+        for gone in decision.evicted:
+            self.desk.stop(gone.wireguard_key)
+            self.counters["sessions:evicted-pending"] += 1
+            self._log_limited(
+                "evicted",
+                "session of client %s… ended: never used, and its place was needed",
+                gone.client_identity.b64[:8],
+            )
         if decision.grant is None:
             return
         if decision.session is not None:
             await self._apply_peers()  # the peer exists before the client hears "granted"
             if decision.reason == "granted":
                 self.desk.start(decision.session)
-                log.info(
+                self._log_limited(
+                    "granted",
                     "session for client %s… at %s",
                     received.client_identity.b64[:8],
                     decision.session.address,
                 )
                 await self._announce()  # load changed
         else:
-            log.info(
+            if decision.evicted:
+                await self._apply_peers()
+            self._log_limited(
+                f"refused:{decision.reason}",
                 "refused client %s…: %s",
                 received.client_identity.b64[:8],
                 STATUS_NAMES[decision.grant.status],
@@ -499,8 +550,10 @@ class RelayAgent(Agent):
         refusal = self.credit.refusal(
             request, client, self.identity.wireguard_public, self.opts.price_per_gib, now
         )
-        if refusal is not None:
-            log.info("refused client %s…: %s", client.b64[:8], NO_CREDIT)
+        if refusal is not None:  # capped: a flood of unfunded identities must not fill the log
+            self._log_limited(
+                "refused:no-credit", "refused client %s…: %s", client.b64[:8], NO_CREDIT
+            )
         return refusal
 
     async def _on_credit_notice(self, topic: str, payload: bytes) -> None:
@@ -514,22 +567,41 @@ class RelayAgent(Agent):
                 log.warning("cut off client %s…: %s", session.client_identity.b64[:8], NO_CREDIT)
                 await self._cut_off(key, NO_CREDIT, abusive=False)
 
+    @staticmethod
+    def _handshakes(state: DeviceState) -> dict[PublicKey, int]:
+        return {k: int(p.last_handshake * 1000) for k, p in state.peers.items() if p.last_handshake}
+
     async def _expire_sessions(self) -> None:
+        """Every second while sessions are pending (granted, no handshake yet), every
+        ``EXPIRY_CHECK_S`` otherwise: confirm, abandon and expire sessions."""
+        loop = asyncio.get_running_loop()
+        last_expiry = loop.time()
         while True:
-            await asyncio.sleep(EXPIRY_CHECK_S)
-            if not self.book.sessions or self.device is None:
+            await asyncio.sleep(CONFIRM_CHECK_S)
+            due = loop.time() - last_expiry >= EXPIRY_CHECK_S
+            if not self.book.sessions or self.device is None or not (due or self.book.pending):
                 continue
-            state = await self.device.state()
-            handshakes = {
-                k: int(p.last_handshake * 1000) for k, p in state.peers.items() if p.last_handshake
-            }
-            ended = self.book.expire(now_ms(), handshakes)
-            if ended:
-                for s in ended:
-                    self.desk.stop(s.wireguard_key)
-                    log.info(
-                        "session of client %s… ended (expired and idle)", s.client_identity.b64[:8]
-                    )
+            handshakes = self._handshakes(await self.device.state())
+            now = now_ms()
+            abandoned = self.book.abandon(now, handshakes)
+            for s in abandoned:
+                self.desk.stop(s.wireguard_key)
+                self.counters["sessions:abandoned"] += 1
+                self._log_limited(
+                    "abandoned",
+                    "session of client %s… ended: no handshake within the grant's first seconds",
+                    s.client_identity.b64[:8],
+                )
+            expired: list[Session] = []
+            if due:
+                last_expiry = loop.time()
+                expired = self.book.expire(now, handshakes)
+            for s in expired:
+                self.desk.stop(s.wireguard_key)
+                log.info(
+                    "session of client %s… ended (expired and idle)", s.client_identity.b64[:8]
+                )
+            if abandoned or expired:
                 await self._apply_peers()
                 await self._announce()
 
@@ -603,6 +675,17 @@ class RelayAgent(Agent):
             "credit_clients": sorted(c for c, n in self.credit.book.notices.items() if n.ok)
             if self.credit
             else None,
+            "sessions": {"active": len(self.book.sessions), "pending": len(self.book.pending)},
+            "mqtt": {
+                "dropped": self.link.dropped if self.link else 0,
+                "handler_errors": self.link.handler_errors if self.link else 0,
+            },
+            # what never reached a socket: WireGuard's own drops of forged sources, and
+            # the exit table's named counters (relay/exit.py)
+            "dropped": {
+                "spoofed_in_tunnel": await self.device.spoofed_packets() if self.device else None,
+                "exit_table": await read_counters(EXIT_TABLE),
+            },
             "receipts": self.desk.summary(),
             "sharing": self.controls.status(),
             "peers": peers,
