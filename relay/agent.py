@@ -91,6 +91,7 @@ from relay.sessions import Session, SessionBook
 log = logging.getLogger("meshvpn.relay")
 
 EXPIRY_CHECK_S: Final = 5.0
+ANNOUNCE_GAP_S: Final = 1.0  # load changes are announced at most this often
 CONFIRM_CHECK_S: Final = 1.0  # how soon a new session's first handshake is noticed
 BAN_MS: Final = 10 * 60_000
 LOG_BURST: Final = 10  # log lines per kind of event...
@@ -181,6 +182,7 @@ class RelayAgent(Agent):
         self._log_budget: RateTable[str] = RateTable(LOG_BURST, LOG_REFILL_MS, 64)
         self._last_issued = 0
         self._peers_changed = asyncio.Event()
+        self._announce_due = asyncio.Event()
         self.mesh: Mesh | None = None
         self.credit = CreditGate(opts.accounting_key) if opts.accounting_key else None
         self.control.handlers["admit"] = self._op_admit
@@ -377,7 +379,7 @@ class RelayAgent(Agent):
             self.book.ban(session.client_identity, now_ms() + BAN_MS)
         log.info("session ended: %s", reason)
         await self._apply_peers()
-        await self._announce()
+        self._announce_soon()
 
     # ---- announcements
 
@@ -411,11 +413,20 @@ class RelayAgent(Agent):
         if await self.link.publish(announce_topic(self.identity.node_id), wire, retain=True):
             self.counters["announcements"] += 1
 
+    def _announce_soon(self) -> None:
+        """The load changed: announce it, coalesced with other changes (see the loop)."""
+        self._announce_due.set()
+
     async def _announce_loop(self) -> None:
         # Refresh at a third of the lifetime: two refreshes may be lost before expiry.
+        # A change is announced at once, then the next one waits ANNOUNCE_GAP_S: a burst
+        # of grants or expiries makes one announcement, not one each.
         while True:
-            await asyncio.sleep(self.opts.announce_ttl_s / 3)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._announce_due.wait(), self.opts.announce_ttl_s / 3)
+            self._announce_due.clear()
             await self._announce()
+            await asyncio.sleep(ANNOUNCE_GAP_S)
 
     async def _clear_announcement(self) -> None:
         if self.link is not None:
@@ -487,7 +498,7 @@ class RelayAgent(Agent):
             self.counters["requests:link"] += 1
             link_grant = await self.mesh.on_link_request(received)
             wire = received.answer(link_grant, self.identity.identity_key)
-            await self.link.publish(reply_topic(received.request.reply_token), wire)
+            self.link.post(reply_topic(received.request.reply_token), wire)
             return
         await self._on_session_request(received, now)
 
@@ -527,7 +538,7 @@ class RelayAgent(Agent):
                     received.client_identity.b64[:8],
                     decision.session.address,
                 )
-                await self._announce()  # load changed
+                self._announce_soon()  # load changed
         else:
             if decision.evicted:
                 await self._apply_peers()
@@ -538,7 +549,7 @@ class RelayAgent(Agent):
                 STATUS_NAMES[decision.grant.status],
             )
         wire = received.answer(decision.grant, self.identity.identity_key)
-        await self.link.publish(reply_topic(received.request.reply_token), wire)
+        self.link.post(reply_topic(received.request.reply_token), wire)
 
     # ---- credit (relay/credit.py): the accounting service says whom to serve
 
@@ -603,7 +614,7 @@ class RelayAgent(Agent):
                 )
             if abandoned or expired:
                 await self._apply_peers()
-                await self._announce()
+                self._announce_soon()
 
     # ---- local control API
 
@@ -678,6 +689,7 @@ class RelayAgent(Agent):
             "sessions": {"active": len(self.book.sessions), "pending": len(self.book.pending)},
             "mqtt": {
                 "dropped": self.link.dropped if self.link else 0,
+                "posts_dropped": self.link.posts_dropped if self.link else 0,
                 "handler_errors": self.link.handler_errors if self.link else 0,
             },
             # what never reached a socket: WireGuard's own drops of forged sources, and

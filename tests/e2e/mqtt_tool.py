@@ -2,6 +2,8 @@
 
 python mqtt_tool.py retained HOST PORT TOPIC     -> hex of the retained payload ('' if none)
 python mqtt_tool.py publish HOST PORT FILE       -> publish [[topic, hex, retain], ...] from FILE
+python mqtt_tool.py flood HOST PORT FILE         -> the same as one burst: no pacing, QoS 1,
+                                                    up to 1000 in flight; prints count and seconds
 """
 
 from __future__ import annotations
@@ -55,9 +57,31 @@ def publish(host: str, port: int, path: str) -> int:
     return len(items)
 
 
+def flood(host: str, port: int, path: str) -> str:
+    items = json.loads(open(path).read())  # noqa: PTH123, SIM115
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.max_queued_messages_set(0)
+    client.max_inflight_messages_set(1000)
+    client.connect(host, port)
+    client.loop_start()
+    started = time.monotonic()
+    infos = [
+        client.publish(topic, bytes.fromhex(payload_hex), qos=1, retain=retain)
+        for topic, payload_hex, retain in items
+    ]
+    for info in infos:
+        info.wait_for_publish(60)
+    elapsed = time.monotonic() - started
+    client.loop_stop()
+    client.disconnect()
+    return json.dumps({"published": sum(i.is_published() for i in infos), "seconds": elapsed})
+
+
 if __name__ == "__main__":
     cmd, host, port, arg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     if cmd == "retained":
         print(retained(host, port, arg))
+    elif cmd == "flood":
+        print(flood(host, port, arg))
     else:
         print(publish(host, port, arg))
