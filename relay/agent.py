@@ -92,7 +92,6 @@ log = logging.getLogger("meshvpn.relay")
 
 EXPIRY_CHECK_S: Final = 5.0
 ANNOUNCE_GAP_S: Final = 1.0  # load changes are announced at most this often
-CONFIRM_CHECK_S: Final = 1.0  # how soon a new session's first handshake is noticed
 BAN_MS: Final = 10 * 60_000
 LOG_BURST: Final = 10  # log lines per kind of event...
 LOG_REFILL_MS: Final = 6_000  # ...and one more every 6 s
@@ -583,36 +582,19 @@ class RelayAgent(Agent):
         return {k: int(p.last_handshake * 1000) for k, p in state.peers.items() if p.last_handshake}
 
     async def _expire_sessions(self) -> None:
-        """Every second while sessions are pending (granted, no handshake yet), every
-        ``EXPIRY_CHECK_S`` otherwise: confirm, abandon and expire sessions."""
-        loop = asyncio.get_running_loop()
-        last_expiry = loop.time()
         while True:
-            await asyncio.sleep(CONFIRM_CHECK_S)
-            due = loop.time() - last_expiry >= EXPIRY_CHECK_S
-            if not self.book.sessions or self.device is None or not (due or self.book.pending):
+            await asyncio.sleep(EXPIRY_CHECK_S)
+            if not self.book.sessions or self.device is None:
                 continue
             handshakes = self._handshakes(await self.device.state())
-            now = now_ms()
-            abandoned = self.book.abandon(now, handshakes)
-            for s in abandoned:
-                self.desk.stop(s.wireguard_key)
-                self.counters["sessions:abandoned"] += 1
-                self._log_limited(
-                    "abandoned",
-                    "session of client %s… ended: no handshake within the grant's first seconds",
-                    s.client_identity.b64[:8],
-                )
-            expired: list[Session] = []
-            if due:
-                last_expiry = loop.time()
-                expired = self.book.expire(now, handshakes)
-            for s in expired:
-                self.desk.stop(s.wireguard_key)
-                log.info(
-                    "session of client %s… ended (expired and idle)", s.client_identity.b64[:8]
-                )
-            if abandoned or expired:
+            self.book.confirm(handshakes)
+            ended = self.book.expire(now_ms(), handshakes)
+            if ended:
+                for s in ended:
+                    self.desk.stop(s.wireguard_key)
+                    log.info(
+                        "session of client %s… ended (expired and idle)", s.client_identity.b64[:8]
+                    )
                 await self._apply_peers()
                 self._announce_soon()
 
@@ -686,7 +668,11 @@ class RelayAgent(Agent):
             "credit_clients": sorted(c for c, n in self.credit.book.notices.items() if n.ok)
             if self.credit
             else None,
-            "sessions": {"active": len(self.book.sessions), "pending": len(self.book.pending)},
+            "sessions": {
+                "active": len(self.book.sessions),
+                "pending": len(self.book.pending),  # granted, no handshake yet: evictable
+                "pending_cap": self.book.pending_cap,
+            },
             "mqtt": {
                 "dropped": self.link.dropped if self.link else 0,
                 "posts_dropped": self.link.posts_dropped if self.link else 0,

@@ -21,7 +21,7 @@ A verified ``SessionRequest`` (see meshvpn.handshake) is ``decide``-d:
    (``relay.operator``);
 4. a *new* session spends a token from the new-session bucket (else
    "rate-limited": the relay is busy), and needs room: if the relay is full
-   (the owner's max sessions, or the pool), or ``MAX_PENDING`` sessions are
+   (the owner's max sessions, or the pool), or ``pending_cap`` sessions are
    still *pending*, the oldest pending session is evicted to make room (like
    a SYN cache); with nothing pending to evict, a full relay refuses "full"
    with the reason (``relay.operator.admission``);
@@ -32,11 +32,14 @@ A verified ``SessionRequest`` (see meshvpn.handshake) is ``decide``-d:
 A session is *pending* from its grant until its WireGuard peer has made a
 handshake (``confirm``). Identities cost nothing to make, so a request being
 valid says nothing about whether its client will ever use or pay for the
-session; pending sessions are what such clients can hold, and they cannot
-hold them long: ``abandon`` ends those still pending after ``PENDING_TTL_MS``,
-and newer requests evict them first. A real client makes its handshake
-within a second of the grant, so it is out of reach of both. Once in use, a
-session that does not pay is cut off by the receipt exchange (accounting.exchange).
+session; pending sessions are what such clients can hold, and every newer
+session that needs room evicts them first, so they never keep a real client
+out. (They are not ended on a timer: a multi-hop client's standby entry and
+exit are granted at connect time and stay unused until a failover; they
+expire like any session.) A real client makes its handshake within a second
+of the grant, and before evicting, the adapter reads the handshakes afresh.
+Once in use, a session that does not pay is cut off by the receipt exchange
+(accounting.exchange).
 
 ``expire`` ends sessions whose grant has run out *and* whose WireGuard peer
 has been silent for ``IDLE_GRACE_MS``: a client that cannot reach the broker
@@ -77,8 +80,8 @@ OPEN_BURST: Final = 600  # requests opened (Noise + signature), all clients toge
 OPEN_REFILL_MS: Final = 3  # ~330 per second: about a sixth of a core
 NEW_BURST: Final = 20  # new sessions (peer added, lease taken), all clients together
 NEW_REFILL_MS: Final = 200  # 5 per second sustained
-MAX_PENDING: Final = 16  # granted sessions whose client has not made a handshake yet
-PENDING_TTL_MS: Final = 20_000
+MIN_PENDING_CAP: Final = 16  # sessions granted but not yet used: at least this many...
+PENDING_SHARE: Final = 2  # ...or 1/2 of the capacity, whichever is more
 HANDSHAKE_SKEW_MS: Final = 1_000  # WireGuard's clock (seconds, wall) against ours
 MAX_SESSIONS_PER_CLIENT: Final = 4
 RECEIPT_INTERVAL_S: Final = 10
@@ -166,6 +169,10 @@ class SessionBook:
             self._seen.popitem(last=False)
         return False
 
+    @property
+    def pending_cap(self) -> int:
+        return max(MIN_PENDING_CAP, self.capacity // PENDING_SHARE)
+
     def would_evict(self, request: SessionRequest) -> bool:
         """Whether granting ``request`` now would end a pending session: the adapter
         then first confirms the sessions whose handshakes it can see (``confirm``),
@@ -173,13 +180,13 @@ class SessionBook:
         if request.wireguard_key in self.sessions or not self.pending:
             return False
         full = len(self.sessions) >= self.capacity or self.pool.free == 0
-        return full or len(self.pending) >= MAX_PENDING
+        return full or len(self.pending) >= self.pending_cap
 
     def _make_room(self) -> tuple[Session, ...] | None:
         """Room for one new session: () if there is, the evicted pending session if
         one had to go, None if the relay is full of sessions in use."""
         full = len(self.sessions) >= self.capacity or self.pool.free == 0
-        if not full and len(self.pending) < MAX_PENDING:
+        if not full and len(self.pending) < self.pending_cap:
             return ()
         if not self.pending:
             return None
@@ -276,12 +283,6 @@ class SessionBook:
         for key, granted in list(self.pending.items()):
             if last_handshake_ms.get(key, 0) >= granted - HANDSHAKE_SKEW_MS:
                 del self.pending[key]
-
-    def abandon(self, now_ms: int, last_handshake_ms: dict[PublicKey, int]) -> list[Session]:
-        """End sessions granted ``PENDING_TTL_MS`` ago whose client never made a handshake."""
-        self.confirm(last_handshake_ms)
-        stale = [k for k, granted in self.pending.items() if granted <= now_ms - PENDING_TTL_MS]
-        return [s for s in map(self.end, stale) if s is not None]
 
     def expire(self, now_ms: int, last_handshake_ms: dict[PublicKey, int]) -> list[Session]:
         ended = [

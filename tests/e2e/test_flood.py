@@ -52,7 +52,6 @@ from meshvpn.lab.nodes import (
 )
 from meshvpn.messages import SessionRequest
 from meshvpn.probe import BURST_ALL, RATE_ALL, make_request
-from relay.sessions import MAX_PENDING
 
 pytestmark = pytest.mark.e2e
 
@@ -189,7 +188,7 @@ class Watch:
     def __init__(self, lab: Lab, pid: int) -> None:
         self.lab, self.pid = lab, pid
         self.before = self.peak = rss(pid)
-        self.pending = 0
+        self.pending = 0  # the most pending sessions seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
 
@@ -276,7 +275,7 @@ def test_a_relay_under_flood_keeps_serving(make_lab: Callable[..., Lab]) -> None
     assert int(after["pid"]) == pid
     assert watch.peak - watch.before < RSS_BOUND, (watch.before, watch.peak)
     assert after["mqtt"]["handler_errors"] == 0
-    assert watch.pending <= MAX_PENDING
+    assert watch.pending <= after["sessions"]["pending_cap"]
 
     # client1's downloads went on throughout
     stop_file.touch()
@@ -290,14 +289,13 @@ def test_a_relay_under_flood_keeps_serving(make_lab: Callable[..., Lab]) -> None
     assert burst["published"] == burst_len
     check_accounting(after, elapsed)
 
-    # the unpaid sessions do not stay: after the pending timeout only the two real remain
-    deadline = time.monotonic() + 45
-    while (final := status_of(lab, "relay1"))["sessions"] != {"active": 2, "pending": 0}:
-        assert time.monotonic() < deadline, final["sessions"]
-        time.sleep(1)
+    # the unpaid sessions hold at most the pending cap; every other one was evicted
+    final = status_of(lab, "relay1")
     ended = final["counters"]
-    gone = ended.get("sessions:abandoned", 0) + ended.get("sessions:evicted-pending", 0)
-    assert gone == ended["requests:granted"] - 2
+    assert final["sessions"]["active"] == 2 + final["sessions"]["pending"]
+    assert ended.get("sessions:evicted-pending", 0) == (
+        ended["requests:granted"] - final["sessions"]["active"]
+    )
 
     summary = {
         "rss_mib": [round(x / MIB, 1) for x in (watch.before, watch.peak, rss(pid))],

@@ -18,13 +18,12 @@ from meshvpn.identity import PublicKey
 from meshvpn.messages import GRANTED, REFUSED_FULL, REFUSED_POLICY, REFUSED_RATE, SessionRequest
 from relay.pool import AddressPool
 from relay.sessions import (
-    MAX_PENDING,
     MAX_SESSIONS_PER_CLIENT,
+    MIN_PENDING_CAP,
     NEW_BURST,
     NEW_REFILL_MS,
     OPEN_BURST,
     OPEN_REFILL_MS,
-    PENDING_TTL_MS,
     RATE_REFILL_MS,
     Decision,
     SessionBook,
@@ -110,29 +109,31 @@ def test_a_full_relay_evicts_the_oldest_pending_session_not_one_in_use() -> None
 
 
 def test_pending_sessions_are_capped_even_with_room() -> None:
-    b = book(capacity=1000, pool="100.64.0.0/20")
+    b = book(capacity=20, pool="100.64.0.0/20")
+    assert b.pending_cap == MIN_PENDING_CAP
     first = None
-    for i in range(MAX_PENDING + 3):
+    for i in range(MIN_PENDING_CAP + 3):
         wg = key()
         first = first or wg
         d = ask(b, key(), wg, NOW + i * NEW_REFILL_MS)
         assert status(d) == GRANTED
-        assert len(b.pending) <= MAX_PENDING
-    assert len(b.sessions) == MAX_PENDING
+        assert len(b.pending) <= MIN_PENDING_CAP
+    assert len(b.sessions) == MIN_PENDING_CAP
     assert first not in b.sessions
+    assert book(capacity=100).pending_cap == 50  # half the capacity, past the floor
 
 
-def test_sessions_never_used_are_abandoned() -> None:
-    b = book()
-    used, idle = (key(), key()), (key(), key())
-    ask(b, *used)
-    ask(b, *idle)
-    handshakes = {used[1]: NOW + 300}
-    assert b.abandon(NOW + PENDING_TTL_MS - 1, handshakes) == []
-    ended = b.abandon(NOW + PENDING_TTL_MS, handshakes)
-    assert [s.wireguard_key for s in ended] == [idle[1]]
-    assert set(b.sessions) == {used[1]}
-    assert idle[1] not in b.pool.leases
+def test_an_unused_session_stays_until_its_room_is_needed() -> None:
+    """No timer: a multi-hop client's standby sessions are unused by design."""
+    b = book(capacity=2)
+    standby = (key(), key())
+    ask(b, *standby)
+    b.confirm({})
+    assert b.expire(NOW + 60_000, {}) == []
+    assert standby[1] in b.sessions
+    ask(b, key(), key(), NOW + 60_000)
+    d = ask(b, key(), key(), NOW + 61_000)  # full: the oldest unused one goes
+    assert [s.wireguard_key for s in d.evicted] == [standby[1]]
 
 
 def test_a_handshake_from_before_the_grant_does_not_confirm() -> None:
@@ -157,7 +158,7 @@ def test_one_identity_holds_a_bounded_number_of_sessions() -> None:
 
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["new", "again", "handshake", "tick", "abandon"]),
+        st.sampled_from(["new", "again", "handshake", "tick", "expire"]),
         st.integers(0, 40),  # which client (for again/handshake), or ms to advance
     ),
     max_size=250,
@@ -177,9 +178,10 @@ def test_a_flood_never_breaks_the_books_invariants(steps: list[tuple[str, int]],
         if op == "tick":
             now += n * 100
             continue
-        if op == "abandon":
-            for s in b.abandon(now, handshakes):
-                assert s.wireguard_key not in confirmed  # a session in use is never abandoned
+        if op == "expire":
+            b.confirm(handshakes)
+            for s in b.expire(now, handshakes):
+                confirmed.discard(s.wireguard_key)
             continue
         if op == "handshake":
             if clients:
@@ -202,7 +204,7 @@ def test_a_flood_never_breaks_the_books_invariants(steps: list[tuple[str, int]],
             grants_at.append(now)
         # invariants
         assert len(b.sessions) <= cap
-        assert len(b.pending) <= MAX_PENDING
+        assert len(b.pending) <= b.pending_cap
         assert set(b.pending) <= set(b.sessions)
         assert set(b.pool.leases) == set(b.sessions)
         assert len(set(b.pool.leases.values())) == len(b.pool.leases)
