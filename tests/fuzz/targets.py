@@ -28,6 +28,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from ipaddress import IPv6Address, IPv6Network
 from typing import Any
 
 from noise.connection import Keypair
@@ -53,6 +54,8 @@ from meshvpn.messages import (
     ROLE_ENTRY,
     ROLE_EXIT,
     Announcement,
+    LinkGrant,
+    LinkRequest,
     Message,
     MessageError,
     SessionGrant,
@@ -62,6 +65,17 @@ from meshvpn.messages import (
     verify_announcement,
 )
 from meshvpn.probe import ProbeResponder, ProbeSent, check_reply, make_request, reply_nonce
+from meshvpn.routing import (
+    Hello,
+    Ihu,
+    RetractAll,
+    Router,
+    RoutingCodecError,
+    SeqnoRequest,
+    Update,
+    decode_packet,
+    encode_packet,
+)
 from meshvpn.wireguard.uapi import UapiError, decode_answer, parse_get, parse_set_answer
 from relay.pool import AddressPool
 from relay.sessions import SessionBook
@@ -187,6 +201,8 @@ def signed_seeds() -> list[bytes]:
         sign(grant(1), RELAY_ID),
         sign_receipt(receipt(), CLIENT_ID),
         sign(epoch_statement(), ACCOUNTING),
+        sign(link_request(), CLIENT_ID),
+        sign(LinkGrant(bytes(range(16, 32)), 0, "", RELAY_WG.x25519_public(), 51831), RELAY_ID),
     ]
 
 
@@ -226,10 +242,65 @@ def _decode_bodies(wire: bytes) -> None:
     """Behind the signature: any body of any registered type, as a signer made it."""
     if not wire:
         return
-    cls = MESSAGE_TYPES.get(wire[0] % 8)
-    if cls is not None:
-        message = cls.decode_body(wire[1:])
-        assert message.encode_body() == wire[1:], "decoding then encoding is not the identity"
+    types = sorted(MESSAGE_TYPES)
+    cls = MESSAGE_TYPES.get(wire[0]) or MESSAGE_TYPES[types[wire[0] % len(types)]]
+    message = cls.decode_body(wire[1:])
+    assert message.encode_body() == wire[1:], "decoding then encoding is not the identity"
+
+
+def link_request() -> LinkRequest:
+    return LinkRequest(
+        relay=RELAY_ID.ed25519_public(),
+        control_key=CLIENT_CONTROL.x25519_public(),
+        wireguard_key=CLIENT_WG.x25519_public(),
+        link_port=51830,
+        reply_token=bytes(range(16)),
+        nonce=bytes(range(16, 32)),
+        issued_ms=NOW,
+    )
+
+
+def _read_sealed_link_grant(payload: bytes) -> None:
+    """A relay asking for a link opens the neighbour's answer (behind Noise)."""
+    wire, pending = open_request(
+        CLIENT_ID,
+        CLIENT_CONTROL,
+        RELAY_ID.ed25519_public(),
+        RELAY_CONTROL.x25519_public(),
+        link_request(),
+    )
+    received = accept_request(RELAY_CONTROL, RELAY_ID.ed25519_public(), wire, NOW)
+    pending.read_link_grant(bytes(received.conn.write_message(payload)))
+
+
+def _routing_packet(data: bytes) -> None:
+    decode_packet(data)
+
+
+def _router() -> Router:
+    router = Router(IPv6Address("fd00::1"), [IPv6Network("fd00::/64")], NOW)
+    router.link_up("mvm1", IPv6Address("fd00:0:0:1::1"), NOW)
+    return router
+
+
+def _router_receive(data: bytes) -> str:
+    """What a neighbour's routing packet does to the router: never an exception."""
+    router = _router()
+    router.receive("mvm1", data, NOW + 10)
+    router.tick(NOW + 60_000)
+    return "malformed" if router.counters["malformed"] else "ok"
+
+
+def _routing_seeds() -> list[bytes]:
+    prefix = IPv6Network("fd00:0:0:1::/64")
+    rid = IPv6Address("fd00:0:0:1::1")
+    return [
+        encode_packet([Hello(400, 12345), Ihu(NOW & 0xFFFFFFFF, 20)]),
+        encode_packet(
+            [Update(prefix, rid, 7, 256, 1600), Update(IPv6Network("::/0"), rid, 1, 0xFFFF, 1)]
+        ),
+        encode_packet([SeqnoRequest(prefix, rid, 8, 3), RetractAll()]),
+    ]
 
 
 def _announcement(wire: bytes) -> None:
@@ -256,6 +327,8 @@ def _directory(wire: bytes) -> str:
 
 def _accept_request(wire: bytes) -> None:
     received = accept_request(RELAY_CONTROL, RELAY_ID.ed25519_public(), wire, NOW)
+    if not isinstance(received.request, SessionRequest):
+        return  # a link request: the mesh takes it (relay.mesh), the session book never
     book = SessionBook(
         pool=AddressPool(ipaddress.IPv4Network("100.64.0.0/24")),
         node_id=node_id(RELAY_ID.ed25519_public()),
@@ -407,10 +480,16 @@ def build_targets() -> list[Target]:
                resign=True),
         Target("directory.offer", _directory, (), (signed[0],), resign=True),
         Target("handshake.accept_request", _accept_request, (MessageError,),
-               (request_wire(), request_wire(session_request("x" * 32))), reseal=True, weight=2),
+               (request_wire(), request_wire(session_request("x" * 32)),
+                request_wire(link_request())), reseal=True, weight=2),
         Target("handshake.read_grant", _read_grant, (MessageError,), (answer,)),
         Target("handshake.read_grant.sealed", _read_sealed_grant, (MessageError,),
                (signed[3], signed[4]), resign=True),
+        Target("handshake.read_link_grant.sealed", _read_sealed_link_grant, (MessageError,),
+               (signed[8],), resign=True),
+        Target("routing.decode_packet", _routing_packet, (RoutingCodecError,),
+               tuple(_routing_seeds())),
+        Target("routing.router_receive", _router_receive, (), tuple(_routing_seeds())),
         Target("probe.responder", _probe_request, (), (probe_wire,), remake=_remake_probe),
         Target("probe.reply", _probe_reply, (), (b"MVR1" + bytes(32),)),
         Target("receipts.bundle", _bundle, (MessageError,),
