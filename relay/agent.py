@@ -508,7 +508,7 @@ class RelayAgent(Agent):
         if refusal is not None:
             self.counters["requests:no-credit"] += 1
             wire = received.answer(refusal, self.identity.identity_key)
-            await self.link.publish(reply_topic(received.request.reply_token), wire)
+            self.link.post(reply_topic(received.request.reply_token), wire)
             return
         if self.book.would_evict(received.request) and self.device is not None:
             # Fresh handshakes first: a client that came up a moment ago is in use.
