@@ -20,6 +20,7 @@ control socket (local, root only).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import itertools
@@ -33,6 +34,7 @@ from typing import Any
 
 from noise.connection import Keypair
 
+from accounting.credit import credit_topic, notice_for
 from accounting.epochs import EpochStatement, verify_claim
 from accounting.exchange import (
     Ack,
@@ -44,6 +46,7 @@ from accounting.exchange import (
 )
 from accounting.merkle import leaf_hash, verify_proof
 from accounting.receipts import Receipt, ReceiptBundle, sign_receipt, verify_receipt
+from accounting.service import decode_all, relay_of_announcement
 from meshvpn.directory import Directory, announce_topic
 from meshvpn.handshake import PendingRequest, _noise, accept_request, open_request
 from meshvpn.identity import PrivateKey, PublicKey, mesh_address_of, new_x25519
@@ -77,6 +80,7 @@ from meshvpn.routing import (
     encode_packet,
 )
 from meshvpn.wireguard.uapi import UapiError, decode_answer, parse_get, parse_set_answer
+from relay.credit import CreditGate
 from relay.pool import AddressPool
 from relay.sessions import SessionBook
 
@@ -203,6 +207,7 @@ def signed_seeds() -> list[bytes]:
         sign(epoch_statement(), ACCOUNTING),
         sign(link_request(), CLIENT_ID),
         sign(LinkGrant(bytes(range(16, 32)), 0, "", RELAY_WG.x25519_public(), 51831), RELAY_ID),
+        sign(notice_for(node_id(CLIENT_ID.ed25519_public()), 10**6, NOW), ACCOUNTING),
     ]
 
 
@@ -271,6 +276,26 @@ def _read_sealed_link_grant(payload: bytes) -> None:
     )
     received = accept_request(RELAY_CONTROL, RELAY_ID.ed25519_public(), wire, NOW)
     pending.read_link_grant(bytes(received.conn.write_message(payload)))
+
+
+def _credit_notice(wire: bytes) -> str:
+    """A relay takes the accounting service's word on a client (relay/credit.py), on
+    the topic of the client the notice names, as the service publishes it."""
+    gate = CreditGate(ACCOUNTING.ed25519_public())
+    client = node_id(CLIENT_ID.ed25519_public())
+    with contextlib.suppress(MessageError):
+        named = verify(wire).message
+        client = str(getattr(named, "client", client))
+    gate.on_notice(credit_topic(client), wire)
+    return next(iter(gate.counters))
+
+
+def _accounting_intake(wire: bytes) -> str:
+    """The accounting service's intake from the receipts topics and announcements."""
+    (ingest,) = decode_all([wire])
+    with contextlib.suppress(MessageError):
+        relay_of_announcement(wire)
+    return ingest.reason or "ok"
 
 
 def _routing_packet(data: bytes) -> None:
@@ -490,6 +515,8 @@ def build_targets() -> list[Target]:
         Target("routing.decode_packet", _routing_packet, (RoutingCodecError,),
                tuple(_routing_seeds())),
         Target("routing.router_receive", _router_receive, (), tuple(_routing_seeds())),
+        Target("credit.on_notice", _credit_notice, (), (signed[9],), resign=True),
+        Target("accounting.intake", _accounting_intake, (), (bundle.encode(), signed[0])),
         Target("probe.responder", _probe_request, (), (probe_wire,), remake=_remake_probe),
         Target("probe.reply", _probe_reply, (), (b"MVR1" + bytes(32),)),
         Target("receipts.bundle", _bundle, (MessageError,),
