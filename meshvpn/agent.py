@@ -128,6 +128,7 @@ class Agent:
     """What relay and client share: lock, footprint, device, control socket, teardown."""
 
     role = "agent"
+    count_spoofed = False  # count packets WireGuard drops for a forged source (relays)
 
     def __init__(self, opts: CommonOptions) -> None:
         self.opts = opts
@@ -258,7 +259,10 @@ class Agent:
         if self.stop_requested.is_set():
             return
         device = await open_device(
-            self.opts.ifname, self.opts.backend, self.opts.state_dir / "wireguard-go.log"
+            self.opts.ifname,
+            self.opts.backend,
+            self.opts.state_dir / "wireguard-go.log",
+            count_spoofed=self.count_spoofed,
         )
         if isinstance(device, UserspaceDevice):
             device.resolve_binary()  # fail before anything exists on the host
@@ -280,6 +284,7 @@ class Agent:
             device.kind,
         )
         died = self.spawn(self._watch_device(device))
+        self.spawn(device.watch())
         stop = self.spawn(self._wait_stop())
         jobs = [self.spawn(job) for job in self.background()]
         await asyncio.wait([died, stop, *jobs], return_when=asyncio.FIRST_COMPLETED)

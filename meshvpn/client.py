@@ -395,10 +395,14 @@ class ClientAgent(Agent):
                 )
         ranked = choose(candidates, rtts)
         if not ranked:
-            raise RemoteError(
-                f"none of the {len(candidates)} nearest relays answered a probe",
-                "check this host's network, or try again later",
+            # Probes only rank relays. None answering is what a probe flood at the
+            # relays looks like (their budgets and sockets drop ours with the flood's),
+            # or a network that drops them: ask the relays in location order instead.
+            log.warning(
+                "none of the %d nearest relays answered a probe; asking them by location",
+                len(candidates),
             )
+            ranked = candidates
         refusals = []
         for entry in ranked[:MAX_ATTEMPTS]:
             grant = await self._negotiate(entry)
@@ -415,7 +419,7 @@ class ClientAgent(Agent):
                 wireguard_key=grant.relay_wireguard_key,
                 address=grant.address,
                 node_id=entry.node_id,
-                rtt_ms=round(rtts[entry.node_id], 2),
+                rtt_ms=round(rtts[entry.node_id], 2) if entry.node_id in rtts else None,
                 grant=grant,
                 entry=entry,
             )

@@ -32,11 +32,18 @@ from noise.exceptions import (
 from meshvpn.identity import PrivateKey, PublicKey
 from meshvpn.messages import (
     CLOCK_SKEW_MS,
+    HEADER,
+    KEY_LEN,
+    SIG_LEN,
+    Fixed,
+    Key,
     LinkGrant,
     LinkRequest,
     MessageError,
     SessionGrant,
     SessionRequest,
+    Text,
+    UInt,
     sign,
     verify,
 )
@@ -45,6 +52,40 @@ NOISE_NAME: Final = b"Noise_IK_25519_ChaChaPoly_BLAKE2s"
 PROLOGUE: Final = b"meshvpn/v1/session"
 MAX_HANDSHAKE: Final = 4096
 REQUEST_TTL_MS: Final = CLOCK_SKEW_MS
+# IK message 1: ephemeral 32, encrypted static 32+16, then the sealed payload (+16).
+_IK1_OVERHEAD: Final = 32 + 32 + 16 + 16
+_SIGNED_OVERHEAD: Final = HEADER.size + KEY_LEN + SIG_LEN
+
+
+def _body_bounds(cls: type[SessionRequest | LinkRequest]) -> tuple[int, int]:
+    """Shortest and longest body the schema allows (requests hold fixed fields and text)."""
+    low = high = 0
+    for spec in cls.FIELDS.values():
+        if isinstance(spec, Text):
+            low, high = low + 1, high + 1 + spec.max_len
+        elif isinstance(spec, UInt):
+            low, high = low + spec.bits // 8, high + spec.bits // 8
+        elif isinstance(spec, Fixed):
+            low, high = low + spec.length, high + spec.length
+        elif isinstance(spec, Key):
+            low, high = low + KEY_LEN, high + KEY_LEN
+        else:
+            raise TypeError(f"{cls.__name__}: no size bound for {spec!r}")
+    return low, high
+
+
+REQUEST_SIZES: Final = tuple(
+    (_IK1_OVERHEAD + _SIGNED_OVERHEAD + low, _IK1_OVERHEAD + _SIGNED_OVERHEAD + high)
+    for low, high in map(_body_bounds, (SessionRequest, LinkRequest))
+)
+
+
+def request_size_ok(wire: bytes) -> bool:
+    """Whether ``wire`` is the size of a request (session or link): a check that
+    costs nothing, before the one that costs two X25519 operations."""
+    return any(low <= len(wire) <= high for low, high in REQUEST_SIZES)
+
+
 # What the noise library raises on hostile bytes (it is not consistent about it).
 _NOISE_ERRORS: Final = (
     NoiseHandshakeError,
@@ -150,6 +191,8 @@ def accept_request(
     """Relay side: open message 1 and check everything that can be checked alone."""
     if len(wire) > MAX_HANDSHAKE:
         raise MessageError("oversized")
+    if not request_size_ok(wire):
+        raise MessageError("malformed", "not the size of a request")
     conn = _noise(initiator=False, static=control_key)
     conn.start_handshake()
     try:

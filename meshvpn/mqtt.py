@@ -13,6 +13,17 @@ the node's own Ed25519 identity key (see ``meshvpn.pki``); it sits in the state
 directory as ``broker.crt``, with the CA that vouches for the broker in
 ``broker-ca.crt``. The private half is the identity key itself, handed to
 OpenSSL through an anonymous memory file, so it exists on disk only once.
+
+Under a flood, memory stays bounded: messages wait in one queue of at most
+``MAX_QUEUED_IN`` (each at most the broker's packet limit, 8 KiB: 2 MiB) and the
+handler takes them one at a time; what arrives while the queue is full is
+dropped and counted (``dropped``), and said once in the log rather than once
+per message as aiomqtt would. A handler that answers ``post``-s its answer to
+a bounded outbox that a writer task drains, so the reading never waits for
+the broker's acknowledgements (a handler that awaited each QoS 1 publish
+would handle one message per broker round trip, and a flood would back the
+queue up behind a slow broker); a full outbox drops and counts
+(``posts_dropped``).
 """
 
 from __future__ import annotations
@@ -40,10 +51,12 @@ log = logging.getLogger("meshvpn.mqtt")
 BACKOFF_START: Final = 0.25
 BACKOFF_MAX: Final = 5.0
 KEEPALIVE: Final = 10
-MAX_QUEUED_IN: Final = 4096
 DEFAULT_PORT: Final = 8883
 CERT_FILE: Final = "broker.crt"
 CA_FILE: Final = "broker-ca.crt"
+MAX_QUEUED_IN: Final = 256  # about a second of work: older requests have timed out
+MAX_OUTBOX: Final = 256
+_QUEUE_FULL: Final = "Message queue is full"
 
 Handler = Callable[[str, bytes], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
@@ -218,6 +231,22 @@ class WillMessage:
     retain: bool = True
 
 
+class _CountDrops(logging.Filter):
+    """aiomqtt warns once per message it drops from a full queue: count them instead."""
+
+    def __init__(self, link: ControlLink) -> None:
+        super().__init__()
+        self.link = link
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(_QUEUE_FULL):
+            return True
+        self.link.dropped += 1
+        if self.link.dropped == 1:
+            log.warning("messages arrive faster than they are handled; dropping and counting")
+        return False
+
+
 class ControlLink:
     def __init__(
         self,
@@ -251,6 +280,11 @@ class ControlLink:
         self.outages = 0
         self.handler_errors = 0
         self.last_error = ""
+        self.dropped = 0  # messages dropped because the incoming queue was full
+        self.posts_dropped = 0  # posted messages dropped: outbox full, or the broker failed
+        self._outbox: asyncio.Queue[tuple[str, bytes, int, bool]] = asyncio.Queue(MAX_OUTBOX)
+        self._logger = logging.getLogger(f"meshvpn.mqtt.client.{self.client_id}")
+        self._logger.addFilter(_CountDrops(self))
         self._kicked = asyncio.Event()
 
     def _new_client(self) -> aiomqtt.Client:
@@ -269,6 +303,7 @@ class ControlLink:
             timeout=5,
             max_queued_incoming_messages=MAX_QUEUED_IN,
             clean_session=False if self.persistent else None,
+            logger=self._logger,
         )
         if self.on_delivery is not None:
             # aiomqtt has no switch for paho's manual acks yet (aiomqtt issue #345)
@@ -324,9 +359,11 @@ class ControlLink:
         async with asyncio.TaskGroup() as tasks:
             reader = tasks.create_task(self._read(client, failure))
             kicked = tasks.create_task(self._kicked.wait())
+            writer = tasks.create_task(self._write(client))
             await asyncio.wait([reader, kicked], return_when=asyncio.FIRST_COMPLETED)
             reader.cancel()
             kicked.cancel()
+            writer.cancel()
         if failure:
             raise failure[0]
         raise _Reconnect
@@ -353,6 +390,24 @@ class ControlLink:
                 self.handler_errors += 1
                 if self.handler_errors == 1:
                     log.exception("a message handler failed; counting further failures")
+
+    def post(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> bool:
+        """Queue a message for the writer; never waits. False if the outbox is full (the
+        message is dropped and counted). Sent once connected, in order."""
+        try:
+            self._outbox.put_nowait((topic, payload, qos, retain))
+        except asyncio.QueueFull:
+            self.posts_dropped += 1
+            return False
+        return True
+
+    async def _write(self, client: aiomqtt.Client) -> None:
+        while True:
+            topic, payload, qos, retain = await self._outbox.get()
+            try:
+                await client.publish(topic, payload, qos=qos, retain=retain, timeout=5)
+            except aiomqtt.MqttError:
+                self.posts_dropped += 1  # the reader sees the connection fail, if it did
 
     async def publish(
         self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1

@@ -14,7 +14,10 @@ key): only someone who addressed this relay's key can make the relay answer,
 and only the relay can answer. So a relay cannot be used as a reflector: a
 forged or replayed request gets nothing, replies are a third the size of
 requests (no amplification), and each source /24 (or /48) gets a bounded
-number of replies per second.
+number of replies per second. A flood from many prefixes (or forged sources)
+meets one more bucket, for all sources together, in front of the X25519
+operation, so it costs the relay a bounded amount of CPU per second; what
+it drops is counted per reason.
 
 Pure: keys, time and the source address come in; bytes and decisions go out.
 """
@@ -33,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from meshvpn.identity import PrivateKey, PublicKey
+from meshvpn.ratelimit import RateTable, TokenBucket
 
 REQ_MAGIC: Final = b"MVP1"
 REP_MAGIC: Final = b"MVR1"
@@ -41,9 +45,11 @@ REPLY_LEN: Final = 4 + 16 + 16
 _REQ: Final = struct.Struct("!4s32s16sQ16s")
 FRESH_MS: Final = 30_000
 REPLAY_CACHE: Final = 65_536
-RATE_PER_SOURCE: Final = 20.0  # replies per second per source prefix
-BURST_PER_SOURCE: Final = 40.0
+RATE_PER_SOURCE: Final = 20  # replies per second per source prefix
+BURST_PER_SOURCE: Final = 40
 RATE_TABLE: Final = 65_536
+RATE_ALL: Final = 500  # X25519 operations per second, all sources together
+BURST_ALL: Final = 1_000
 
 
 def _mac_key(shared: bytes) -> bytes:
@@ -87,18 +93,15 @@ def check_reply(sent: ProbeSent, wire: bytes) -> bool:
 
 
 @dataclass
-class _Bucket:
-    tokens: float
-    at_ms: int
-
-
-@dataclass
 class ProbeResponder:
     """The relay's side: answer valid, fresh, first-seen probes within rate."""
 
     control_key: PrivateKey
     seen: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
-    buckets: OrderedDict[str, _Bucket] = field(default_factory=OrderedDict)
+    per_source: RateTable[str] = field(
+        default_factory=lambda: RateTable(BURST_PER_SOURCE, 1000 // RATE_PER_SOURCE, RATE_TABLE)
+    )
+    overall: TokenBucket = field(default_factory=lambda: TokenBucket(BURST_ALL, 1000 // RATE_ALL))
     answered: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
 
@@ -109,7 +112,7 @@ class ProbeResponder:
         if len(wire) != REQUEST_LEN or not wire.startswith(REQ_MAGIC):
             self._drop("malformed")
             return None
-        if not self._allow(source, now_ms):
+        if not self.per_source.allow(_source_prefix(source), now_ms):
             self._drop("rate-limited")
             return None
         _, eph_pub, nonce, sent_ms, mac = _REQ.unpack_from(wire)
@@ -118,6 +121,9 @@ class ProbeResponder:
             return None
         if abs(now_ms - sent_ms) > FRESH_MS:
             self._drop("stale")
+            return None
+        if not self.overall.allow(now_ms):
+            self._drop("overload")
             return None
         try:
             priv = x25519.X25519PrivateKey.from_private_bytes(self.control_key.raw)
@@ -137,20 +143,6 @@ class ProbeResponder:
             self.seen.popitem(last=False)
         self.answered += 1
         return REP_MAGIC + bytes(nonce) + _mac(key, b"rep", bytes(nonce))
-
-    def _allow(self, source: str, now_ms: int) -> bool:
-        prefix = _source_prefix(source)
-        bucket = self.buckets.pop(prefix, None) or _Bucket(BURST_PER_SOURCE, now_ms)
-        elapsed = max(0, now_ms - bucket.at_ms) / 1000
-        bucket.tokens = min(BURST_PER_SOURCE, bucket.tokens + elapsed * RATE_PER_SOURCE)
-        bucket.at_ms = now_ms
-        self.buckets[prefix] = bucket  # most recent last: the oldest are evicted first
-        while len(self.buckets) > RATE_TABLE:
-            self.buckets.popitem(last=False)
-        if bucket.tokens < 1:
-            return False
-        bucket.tokens -= 1
-        return True
 
 
 def _source_prefix(source: str) -> str:

@@ -18,6 +18,15 @@ sharing hours; reloaded on SIGHUP or ``meshvpn reload``) are decided in
 ``relay.operator`` and carried out by ``relay.controls``; this file only
 consults them (``self.controls``) and offers them ``end_sessions``,
 ``announce_now`` and ``apply_exit``.
+
+Under a flood every input meets a bound before it costs anything: session
+requests a size check, then one budget for opening them, then per-identity
+limits and a budget for new sessions (relay.sessions); probes per-source and
+overall buckets (meshvpn.probe); receipts per-session and overall buckets
+(relay.metering); MQTT messages one bounded queue (meshvpn.mqtt). What is
+dropped is counted in ``status --json`` and logged once per reason (grants
+and refusals at most ``LOG_BURST`` lines a minute each), so neither memory
+nor the log grows with the flood.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from meshvpn.clock import now_ms
 from meshvpn.directory import ANNOUNCE_PREFIX, announce_topic, reply_topic, session_topic
 from meshvpn.errors import LocalError
 from meshvpn.footprint import nft_apply, write_sysctl
-from meshvpn.handshake import accept_request
+from meshvpn.handshake import ReceivedRequest, accept_request, request_size_ok
 from meshvpn.icmp import probe_path
 from meshvpn.identity import PublicKey, client_mesh_address, node_id_of
 from meshvpn.messages import (
@@ -62,8 +71,9 @@ from meshvpn.messages import (
 from meshvpn.mqtt import BrokerAddress, ControlLink, WillMessage, load_credentials
 from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeResponder
+from meshvpn.ratelimit import RateTable
 from meshvpn.rates import Throughput
-from meshvpn.wireguard.model import Endpoint, PeerSpec
+from meshvpn.wireguard.model import DeviceState, Endpoint, PeerSpec
 from relay.controls import Loader, OperatorControls
 from relay.credit import NO_CREDIT, CreditGate
 from relay.earnings_feed import EPOCHS_FILTER, EarningsFeed
@@ -74,6 +84,7 @@ from relay.exit import (
     discover_host_networks,
     exit_ruleset,
     mesh_sources_update,
+    read_counters,
 )
 from relay.exit import TABLE as EXIT_TABLE
 from relay.mesh import MESH_RANGE, Mesh, MeshOptions
@@ -85,8 +96,11 @@ from relay.sessions import Session, SessionBook
 log = logging.getLogger("meshvpn.relay")
 
 EXPIRY_CHECK_S: Final = 5.0
+ANNOUNCE_GAP_S: Final = 1.0  # load changes are announced at most this often
 BAN_MS: Final = 10 * 60_000
 THROUGHPUT_SAMPLE_S: Final = 1.0
+LOG_BURST: Final = 10  # log lines per kind of event...
+LOG_REFILL_MS: Final = 6_000  # ...and one more every 6 s
 
 
 @dataclass(frozen=True)
@@ -141,6 +155,7 @@ def session_role(endpoint_host: ipaddress.IPv4Address | ipaddress.IPv6Address | 
 class RelayAgent(Agent):
     role = "relay"
     opts: RelayOptions
+    count_spoofed = True
 
     def __init__(self, opts: RelayOptions) -> None:
         super().__init__(opts)
@@ -180,8 +195,10 @@ class RelayAgent(Agent):
         self.link: ControlLink | None = None
         self.counters: collections.Counter[str] = collections.Counter()
         self._logged: set[str] = set()
+        self._log_budget: RateTable[str] = RateTable(LOG_BURST, LOG_REFILL_MS, 64)
         self._last_issued = 0
         self._peers_changed = asyncio.Event()
+        self._announce_due = asyncio.Event()
         self.mesh: Mesh | None = None
         self.credit = CreditGate(opts.accounting_key) if opts.accounting_key else None
         self.earnings = EarningsFeed(self.identity.node_id, opts.accounting_key)
@@ -390,7 +407,7 @@ class RelayAgent(Agent):
             self.book.ban(session.client_identity, now_ms() + BAN_MS)
         log.info("session ended: %s", reason)
         await self._apply_peers()
-        await self._announce()
+        self._announce_soon()
 
     # ---- announcements
 
@@ -424,11 +441,20 @@ class RelayAgent(Agent):
         if await self.link.publish(announce_topic(self.identity.node_id), wire, retain=True):
             self.counters["announcements"] += 1
 
+    def _announce_soon(self) -> None:
+        """The load changed: announce it, coalesced with other changes (see the loop)."""
+        self._announce_due.set()
+
     async def _announce_loop(self) -> None:
         # Refresh at a third of the lifetime: two refreshes may be lost before expiry.
+        # A change is announced at once, then the next one waits ANNOUNCE_GAP_S: a burst
+        # of grants or expiries makes one announcement, not one each.
         while True:
-            await asyncio.sleep(self.opts.announce_ttl_s / 3)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._announce_due.wait(), self.opts.announce_ttl_s / 3)
+            self._announce_due.clear()
             await self._announce()
+            await asyncio.sleep(ANNOUNCE_GAP_S)
 
     async def _clear_announcement(self) -> None:
         if self.link is not None:
@@ -457,6 +483,12 @@ class RelayAgent(Agent):
                 "dropped a session request (%s): %s; further ones are only counted", reason, detail
             )
 
+    def _log_limited(self, kind: str, msg: str, *args: object) -> None:
+        if self._log_budget.allow(kind, now_ms()):
+            log.info(msg, *args)
+        else:
+            self.counters[f"log-suppressed:{kind}"] += 1
+
     async def _on_message(self, topic: str, payload: bytes) -> None:
         if self.earnings.wants(topic):
             self.earnings.on_message(topic, payload, now_ms())
@@ -474,10 +506,17 @@ class RelayAgent(Agent):
             if self.mesh.want_reply(topic):
                 self.mesh.on_reply(topic, payload)
                 return
+        self.counters["session-messages"] += 1
         if topic != session_topic(self.identity.node_id):
             self._count_reject("wrong-topic", topic[:80])
             return
+        if not request_size_ok(payload):  # before any work
+            self._count_reject("malformed", f"{len(payload)} bytes, not a request's size")
+            return
         now = now_ms()
+        if not self.book.may_open(now):
+            self._count_reject("overload", "more requests than the relay opens per second")
+            return
         try:
             received = accept_request(
                 self.identity.control_key, self.identity.identity_public, payload, now
@@ -490,41 +529,63 @@ class RelayAgent(Agent):
             if self.mesh is None:
                 self._count_reject("no-mesh", "a link request, but this relay runs no mesh")
                 return
+            self.counters["requests:link"] += 1
             link_grant = await self.mesh.on_link_request(received)
             wire = received.answer(link_grant, self.identity.identity_key)
             asker = node_id_of(received.client_identity)
-            await self.link.publish(reply_topic(asker, received.request.reply_token), wire)
+            self.link.post(reply_topic(asker, received.request.reply_token), wire)
             return
+        await self._on_session_request(received, now)
+
+    async def _on_session_request(self, received: ReceivedRequest, now: int) -> None:
+        assert self.link is not None  # noqa: S101 - messages only come through the link
+        assert isinstance(received.request, SessionRequest)  # noqa: S101 - links went to the mesh
         client = node_id_of(received.client_identity)
         refusal = self._credit_refusal(received.request, received.client_identity, now)
         if refusal is not None:
+            self.counters["requests:no-credit"] += 1
             wire = received.answer(refusal, self.identity.identity_key)
-            await self.link.publish(reply_topic(client, received.request.reply_token), wire)
+            self.link.post(reply_topic(client, received.request.reply_token), wire)
             return
+        if self.book.would_evict(received.request) and self.device is not None:
+            # Fresh handshakes first: a client that came up a moment ago is in use.
+            self.book.confirm(self._handshakes(await self.device.state()))
         decision = self.book.decide(
             received.request, received.client_identity, received.ephemeral, os.urandom(16), now
         )
         self.counters[f"requests:{decision.reason}"] += 1
+        for gone in decision.evicted:
+            self.desk.stop(gone.wireguard_key)
+            self.counters["sessions:evicted-pending"] += 1
+            self._log_limited(
+                "evicted",
+                "session of client %s… ended: never used, and its place was needed",
+                gone.client_identity.b64[:8],
+            )
         if decision.grant is None:
             return
         if decision.session is not None:
             await self._apply_peers()  # the peer exists before the client hears "granted"
             if decision.reason == "granted":
                 self.desk.start(decision.session)
-                log.info(
+                self._log_limited(
+                    "granted",
                     "session for client %s… at %s",
                     received.client_identity.b64[:8],
                     decision.session.address,
                 )
-                await self._announce()  # load changed
+                self._announce_soon()  # load changed
         else:
-            log.info(
+            if decision.evicted:
+                await self._apply_peers()
+            self._log_limited(
+                f"refused:{decision.reason}",
                 "refused client %s…: %s",
                 received.client_identity.b64[:8],
                 STATUS_NAMES[decision.grant.status],
             )
         wire = received.answer(decision.grant, self.identity.identity_key)
-        await self.link.publish(reply_topic(client, received.request.reply_token), wire)
+        self.link.post(reply_topic(client, received.request.reply_token), wire)
 
     # ---- credit (relay/credit.py): the accounting service says whom to serve
 
@@ -536,8 +597,10 @@ class RelayAgent(Agent):
         refusal = self.credit.refusal(
             request, client, self.identity.wireguard_public, self.opts.price_per_gib, now
         )
-        if refusal is not None:
-            log.info("refused client %s…: %s", client.b64[:8], NO_CREDIT)
+        if refusal is not None:  # capped: a flood of unfunded identities must not fill the log
+            self._log_limited(
+                "refused:no-credit", "refused client %s…: %s", client.b64[:8], NO_CREDIT
+            )
         return refusal
 
     async def _on_credit_notice(self, topic: str, payload: bytes) -> None:
@@ -551,15 +614,17 @@ class RelayAgent(Agent):
                 log.warning("cut off client %s…: %s", session.client_identity.b64[:8], NO_CREDIT)
                 await self._cut_off(key, NO_CREDIT, abusive=False)
 
+    @staticmethod
+    def _handshakes(state: DeviceState) -> dict[PublicKey, int]:
+        return {k: int(p.last_handshake * 1000) for k, p in state.peers.items() if p.last_handshake}
+
     async def _expire_sessions(self) -> None:
         while True:
             await asyncio.sleep(EXPIRY_CHECK_S)
             if not self.book.sessions or self.device is None:
                 continue
-            state = await self.device.state()
-            handshakes = {
-                k: int(p.last_handshake * 1000) for k, p in state.peers.items() if p.last_handshake
-            }
+            handshakes = self._handshakes(await self.device.state())
+            self.book.confirm(handshakes)
             ended = self.book.expire(now_ms(), handshakes)
             if ended:
                 for s in ended:
@@ -568,7 +633,7 @@ class RelayAgent(Agent):
                         "session of client %s… ended (expired and idle)", s.client_identity.b64[:8]
                     )
                 await self._apply_peers()
-                await self._announce()
+                self._announce_soon()
 
     # ---- local control API
 
@@ -706,6 +771,22 @@ class RelayAgent(Agent):
             "credit_clients": sorted(c for c, n in self.credit.book.notices.items() if n.ok)
             if self.credit
             else None,
+            "sessions": {
+                "active": len(self.book.sessions),
+                "pending": len(self.book.pending),  # granted, no handshake yet: evictable
+                "pending_cap": self.book.pending_cap,
+            },
+            "mqtt": {
+                "dropped": self.link.dropped if self.link else 0,
+                "posts_dropped": self.link.posts_dropped if self.link else 0,
+                "handler_errors": self.link.handler_errors if self.link else 0,
+            },
+            # what never reached a socket: WireGuard's own drops of forged sources, and
+            # the exit table's named counters (relay/exit.py)
+            "dropped": {
+                "spoofed_in_tunnel": await self.device.spoofed_packets() if self.device else None,
+                "exit_table": await read_counters(EXIT_TABLE),
+            },
             "receipts": self.desk.summary(),
             "sharing": self.controls.status(),
             "peers": peers,

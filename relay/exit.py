@@ -385,6 +385,42 @@ async def _ip_json(*args: str, missing_ok: bool = False) -> list[dict[str, Any]]
     return data if isinstance(data, list) else []
 
 
+def parse_counters(nft_json: bytes | str) -> dict[str, int]:
+    """Packets per named counter, from ``nft -j list counters table ...``."""
+    try:
+        data = json.loads(nft_json or b"{}")
+    except ValueError:
+        return {}
+    out: dict[str, int] = {}
+    items = data.get("nftables", []) if isinstance(data, dict) else []
+    for item in items if isinstance(items, list) else []:
+        counter = item.get("counter") if isinstance(item, dict) else None
+        if isinstance(counter, dict) and isinstance(counter.get("packets"), int):
+            out[str(counter.get("name", ""))] = counter["packets"]
+    return out
+
+
+async def read_counters(table: str = TABLE) -> dict[str, int]:
+    """This table's named counters (packets), or {} if it is not there."""
+    family, _, name = table.partition(" ")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "nft",
+            "-j",
+            "list",
+            "counters",
+            "table",
+            family,
+            name,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        return {}
+    out, _ = await proc.communicate()
+    return parse_counters(out) if proc.returncode == 0 else {}
+
+
 async def discover_host_networks(wg_ifname: str) -> HostNetworks:
     """The router's addresses and LAN subnets, as they are now (see ``host_networks``)."""
     addresses = await _ip_json("addr", "show")

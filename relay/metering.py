@@ -9,6 +9,11 @@ the newest bundle per session to the broker (QoS 1) until accounting's signed
 ``BookedAck`` covers it (``relay.delivery`` decides when to re-send; without
 an accounting key, until the broker has it).
 Python never touches the clients' packets; only WireGuard's counters.
+
+Checking a receipt costs an Ed25519 verification, so datagrams on the channel
+are rate-limited per session and for all sessions together before anything
+is verified (an honest client answers one statement at a time: far below
+either limit); what is over is dropped and counted.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from meshvpn.clock import now_ms
 from meshvpn.identity import Identity, PublicKey
 from meshvpn.messages import MessageError
 from meshvpn.mqtt import ControlLink
+from meshvpn.ratelimit import RateTable, TokenBucket
 from meshvpn.wireguard.backend import WireGuardDevice
 from relay.delivery import Courier
 from relay.journal import Journal
@@ -52,6 +58,11 @@ log = logging.getLogger("meshvpn.metering")
 FORWARD_INTERVAL_S: Final = 1.0
 MAX_CUT_OFFS_KEPT: Final = 20
 METER_SAVE_S: Final = 1.0
+RECEIPTS_BURST: Final = 50  # datagrams per session...
+RECEIPTS_REFILL_MS: Final = 20  # ...50 per second sustained
+ALL_RECEIPTS_BURST: Final = 1_000  # all sessions together: about a tenth of a core
+ALL_RECEIPTS_REFILL_MS: Final = 1
+MAX_RATE_KEYS: Final = 65_536
 
 CutOff = Callable[[PublicKey, str, bool], Awaitable[None]]  # key, reason, abusive
 
@@ -94,6 +105,10 @@ class ReceiptDesk:
         self._channel: _Channel | None = None
         self._deliver = asyncio.Event()
         self.cut_offs: list[dict[str, Any]] = []  # the latest few, for status and alerts
+        self._per_session: RateTable[str] = RateTable(
+            RECEIPTS_BURST, RECEIPTS_REFILL_MS, MAX_RATE_KEYS
+        )
+        self._overall = TokenBucket(ALL_RECEIPTS_BURST, ALL_RECEIPTS_REFILL_MS)
 
     # ---- sessions come and go
 
@@ -235,6 +250,9 @@ class ReceiptDesk:
             self._reject("unknown-source", source)
             return
         now = now_ms()
+        if not self._per_session.allow(source, now) or not self._overall.allow(now):
+            self._reject("rate-limited", source)
+            return
         for action in held.exchange.on_receipt(data, self.identity.identity_key, now):
             if isinstance(action, ReceiptCountersigned):
                 self.journal.record(action.bundle, now)  # on disk before the client hears "ok"

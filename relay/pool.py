@@ -34,6 +34,11 @@ class AddressPool:
     def gateway(self) -> ipaddress.IPv4Address:
         return self.network.network_address + 1
 
+    @property
+    def free(self) -> int:
+        """Addresses left to lease (all hosts but the gateway, minus the leased)."""
+        return self.network.num_addresses - 3 - len(self.leases)
+
     def lease(self, key: PublicKey) -> ipaddress.IPv4Address:
         if key in self.leases:
             return self.leases[key]

@@ -8,6 +8,18 @@
 
 Both share ``reconcile``: read the device, plan the difference to the wanted
 peers, apply only that.
+
+Both drop, before anything else on the host sees it, a packet whose inner
+source address is not in its peer's allowed IPs (WireGuard's cryptokey
+routing): that is where a client forging its source is stopped. Neither has
+a counter for it in its configuration interface, so ``spoofed_packets`` reads
+what each has: the kernel counts such packets in the interface's
+``rx_frame_errors``; wireguard-go logs each one at its verbose level, so a
+device made with ``count_spoofed`` runs it verbose and ``watch`` counts those
+lines in its log (and keeps the log from growing without bound: the
+per-packet lines are a flooder's to make). wireguard-go writes to a file,
+never to a pipe the agent must drain: a busy agent never stalls the data
+plane.
 """
 
 from __future__ import annotations
@@ -32,6 +44,10 @@ BackendName = Literal["auto", "kernel", "userspace"]
 WIREGUARD_GO_ENV: Final = "MESHVPN_WIREGUARD_GO"
 START_TIMEOUT: Final = 5.0
 _PR_SET_PDEATHSIG: Final = 1
+SPOOFED_LINE: Final = b"packet with disallowed source address"
+LOG_WATCH_S: Final = 1.0
+LOG_LIMIT: Final = 4 << 20  # the verbose log is truncated past this
+LOG_READ_MAX: Final = 64 << 20  # per look: what the flood wrote beyond it is skipped, uncounted
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -74,6 +90,14 @@ class WireGuardDevice(abc.ABC):
     def child_pid(self) -> int | None:
         return None
 
+    async def spoofed_packets(self) -> int | None:
+        """Packets dropped for a source outside their peer's allowed IPs (None: unknown)."""
+        return None
+
+    async def watch(self) -> None:
+        """Whatever the device needs done while it runs (an owned background job)."""
+        await asyncio.Event().wait()
+
     async def reconcile(self, desired: Mapping[PublicKey, PeerSpec]) -> PeerPlan:
         plan = plan_peers(desired, (await self.state()).peers)
         if not plan.empty:
@@ -84,12 +108,22 @@ class WireGuardDevice(abc.ABC):
 class UserspaceDevice(WireGuardDevice):
     kind = "userspace"
 
-    def __init__(self, ifname: str, log_path: Path, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        ifname: str,
+        log_path: Path,
+        binary: str | None = None,
+        *,
+        count_spoofed: bool = False,
+    ) -> None:
         super().__init__(ifname)
         self.binary = binary or os.environ.get(WIREGUARD_GO_ENV, "wireguard-go")
         self.log_path = log_path
         self.uapi = UapiSocket(ifname)
         self._proc: asyncio.subprocess.Process | None = None
+        self.count_spoofed = count_spoofed
+        self._spoofed = 0
+        self._log_offset = 0
 
     def resolve_binary(self) -> str:
         found = shutil.which(self.binary)
@@ -119,7 +153,10 @@ class UserspaceDevice(WireGuardDevice):
                 )
             sock.unlink(missing_ok=True)  # stale socket of a dead wireguard-go
         env = dict(os.environ, WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1")
+        if self.count_spoofed:
+            env["LOG_LEVEL"] = "verbose"
         log = self.log_path.open("ab")
+        self._log_offset = log.tell()
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 binary,
@@ -149,7 +186,40 @@ class UserspaceDevice(WireGuardDevice):
             lines = self.log_path.read_text(errors="replace").strip().splitlines()
         except OSError:
             return "no log"
+        lines = [line for line in lines if not line.startswith("DEBUG:")] or lines
         return lines[-1][:200] if lines else "no output"
+
+    async def spoofed_packets(self) -> int | None:
+        if not self.count_spoofed:
+            return None
+        self.read_log()
+        return self._spoofed
+
+    def read_log(self) -> None:
+        """Count the spoofed-source lines written since the last look; truncate a
+        log grown past ``LOG_LIMIT`` (wireguard-go appends, so it carries on at 0)."""
+        try:
+            with self.log_path.open("rb+") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size < self._log_offset:  # truncated by someone else
+                    self._log_offset = 0
+                f.seek(max(self._log_offset, size - LOG_READ_MAX))
+                data = f.read(size - f.tell())
+                end = data.rfind(b"\n") + 1  # whole lines only; the rest next time
+                self._spoofed += data.count(SPOOFED_LINE, 0, end)
+                self._log_offset = f.tell() - len(data) + end
+                if self._log_offset > LOG_LIMIT:
+                    f.truncate(0)
+                    self._log_offset = 0
+        except OSError:
+            return
+
+    async def watch(self) -> None:
+        if not self.count_spoofed:
+            await super().watch()
+        while True:
+            await asyncio.sleep(LOG_WATCH_S)
+            self.read_log()
 
     def child_pid(self) -> int | None:
         return self._proc.pid if self._proc else None
@@ -187,6 +257,15 @@ class KernelDevice(WireGuardDevice):
     """In-kernel WireGuard. Untestable on machines without the module (tests skip)."""
 
     kind = "kernel"
+
+    async def spoofed_packets(self) -> int | None:
+        # drivers/net/wireguard/receive.c counts a disallowed source ("dishonest
+        # packet peer") in rx_frame_errors, together with a packet of no known type.
+        stat = Path("/sys/class/net") / self.ifname / "statistics" / "rx_frame_errors"
+        try:
+            return int(stat.read_text())
+        except (OSError, ValueError):
+            return None
 
     async def create(self) -> None:
         from meshvpn.netconf import Netlink  # noqa: PLC0415 - keep import cost off the CLI path
@@ -296,7 +375,9 @@ async def kernel_wireguard_available() -> bool:
     return True
 
 
-async def open_device(ifname: str, backend: BackendName, log_path: Path) -> WireGuardDevice:
+async def open_device(
+    ifname: str, backend: BackendName, log_path: Path, *, count_spoofed: bool = False
+) -> WireGuardDevice:
     if backend == "kernel" or (backend == "auto" and await kernel_wireguard_available()):
         return KernelDevice(ifname)
-    return UserspaceDevice(ifname, log_path)
+    return UserspaceDevice(ifname, log_path, count_spoofed=count_spoofed)

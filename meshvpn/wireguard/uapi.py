@@ -147,6 +147,14 @@ def parse_get(text: str) -> DeviceState:
     return DeviceState(public_key=public, listen_port=listen_port, fwmark=fwmark, peers=peers)
 
 
+def decode_answer(data: bytes) -> str:
+    """wireguard-go answers in ASCII; anything else is a malformed answer, not a crash."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise UapiError("UAPI answer is not text") from None
+
+
 def parse_set_answer(text: str) -> None:
     lines = [line for line in text.split("\n") if line]
     if lines != ["errno=0"]:
@@ -170,7 +178,7 @@ class UapiSocket:
         finally:
             writer.close()
             await writer.wait_closed()
-        return data.decode()
+        return decode_answer(data)
 
     async def get(self) -> DeviceState:
         return parse_get(await self._call(b"get=1\n\n"))

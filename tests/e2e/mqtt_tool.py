@@ -4,6 +4,8 @@
 
     retained TOPIC           hex of the retained payload ('' if none)
     publish FILE             publish [[topic, hex, retain], ...] from FILE; print the PUBACK codes
+    flood FILE               the same as one burst: no pacing, QoS 1, up to 1000 in
+                             flight; prints {"published": n, "seconds": s}
     watch STOPFILE FILTER... {"suback": [codes], "messages": [[topic, hex, retain], ...]}
                              once STOPFILE exists (at most WATCH_MAX seconds)
     connect                  {"connack": code or null, "error": "..."}
@@ -201,17 +203,38 @@ def main() -> None:
     p.add_argument("--v5", action="store_true")
     p.add_argument("host")
     p.add_argument("port", type=int)
-    p.add_argument("command", choices=["retained", "publish", "watch", "connect", "clear"])
+    p.add_argument("command", choices=["retained", "publish", "flood", "watch", "connect", "clear"])
     p.add_argument("arg", nargs="*")
     args = p.parse_args()
     commands = {
         "retained": retained,
         "publish": publish,
+        "flood": flood,
         "watch": watch,
         "connect": try_connect,
         "clear": clear,
     }
     print(commands[args.command](args))
+
+
+def flood(args: argparse.Namespace) -> str:
+    items = json.loads(Path(args.arg[0]).read_text())
+    client = make_client(args)
+    client.max_queued_messages_set(0)
+    client.max_inflight_messages_set(1000)
+    rc = connect(args, client)
+    assert rc is not None and not rc.is_failure, f"not connected: {rc}"
+    started = time.monotonic()
+    infos = [
+        client.publish(topic, bytes.fromhex(payload_hex), qos=1, retain=retain)
+        for topic, payload_hex, retain in items
+    ]
+    for info in infos:
+        info.wait_for_publish(60)
+    elapsed = time.monotonic() - started
+    client.loop_stop()
+    client.disconnect()
+    return json.dumps({"published": sum(i.is_published() for i in infos), "seconds": elapsed})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshvpn.handshake import accept_request, open_request
+from meshvpn.handshake import (
+    REQUEST_SIZES,
+    accept_request,
+    open_request,
+    request_size_ok,
+)
 from meshvpn.identity import PublicKey, new_ed25519, new_x25519, node_id_of
 from meshvpn.messages import (
     GRANTED,
@@ -21,6 +26,7 @@ from meshvpn.messages import (
     REFUSED_POLICY,
     REFUSED_PRICE,
     REFUSED_RATE,
+    LinkRequest,
     MessageError,
     SessionRequest,
 )
@@ -145,6 +151,7 @@ def test_full_relay_refuses_new_clients_but_renews_old() -> None:
     relay, book = make_relay(capacity=1)
     a, b = Node(), Node()
     assert negotiate(a, relay, book, request_for(a, relay)).status == GRANTED  # type: ignore[union-attr]
+    book.confirm({a.wireguard.x25519_public(): NOW})  # a's tunnel is up: in use
     assert negotiate(b, relay, book, request_for(b, relay)).status == REFUSED_FULL  # type: ignore[union-attr]
     assert negotiate(a, relay, book, request_for(a, relay)).status == GRANTED  # type: ignore[union-attr]
 
@@ -262,3 +269,41 @@ def test_expiry_waits_for_an_idle_tunnel() -> None:
     ended = book.expire(after, {key: after - IDLE_GRACE_MS - 1})
     assert [s.wireguard_key for s in ended] == [key]
     assert key not in book.pool.leases
+
+
+@settings(max_examples=30)
+@given(st.text(max_size=32).filter(lambda t: len(t.encode()) <= 32))
+def test_every_real_request_passes_the_size_check(want_exit: str) -> None:
+    client = Node()
+    relay, _ = make_relay()
+    wire, _ = open_request(
+        client.identity,
+        client.control,
+        relay.id_pub,
+        relay.control.x25519_public(),
+        request_for(client, relay, want_exit=want_exit),
+    )
+    assert request_size_ok(wire)
+    assert accept_request(relay.control, relay.id_pub, wire, NOW).request.want_exit == want_exit
+    (low, high), _link = REQUEST_SIZES
+    assert not request_size_ok(wire + b"\0" * (high + 1 - len(wire)))
+    assert not request_size_ok(wire[: low - 1])
+
+
+def test_a_link_request_passes_the_size_check_too() -> None:
+    asker = Node()
+    relay, _ = make_relay()
+    request = LinkRequest(
+        relay=relay.id_pub,
+        control_key=asker.control.x25519_public(),
+        wireguard_key=asker.wireguard.x25519_public(),
+        link_port=51830,
+        reply_token=os.urandom(16),
+        nonce=os.urandom(16),
+        issued_ms=NOW,
+    )
+    wire, _ = open_request(
+        asker.identity, asker.control, relay.id_pub, relay.control.x25519_public(), request
+    )
+    assert request_size_ok(wire)
+    assert isinstance(accept_request(relay.control, relay.id_pub, wire, NOW).request, LinkRequest)

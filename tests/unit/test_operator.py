@@ -244,6 +244,7 @@ def test_book_refuses_with_the_gates_reason_also_renewals() -> None:
     d = book.decide(first, client, os.urandom(32), os.urandom(16), 1)
     assert d.grant is not None
     assert d.grant.status == GRANTED
+    book.confirm({first.wireguard_key: 1})  # in use: a pending one would make room instead
     d = book.decide(request(), new_ed25519().ed25519_public(), os.urandom(32), os.urandom(16), 2)
     assert d.grant is not None
     assert (d.grant.status, d.grant.reason) == (
