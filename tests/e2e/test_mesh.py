@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -79,24 +81,32 @@ def _kill(lab: Lab, index: int) -> None:
 def test_ring_converges_to_shortest_paths(make_lab: Callable[..., Lab]) -> None:
     lab, started = _ring(make_lab)
     ids = {i: s["node_id"] for i, s in started.items()}
+    # One snapshot of every relay (a status call is a Python start-up in a namespace).
+    mesh = {i: _status(lab, f"relay{i}")["mesh"] for i in ids}
+    by_node = {nid: i for i, nid in ids.items()}
+
+    def next_hop(at: int, to: int) -> int:
+        via = mesh[at]["routes"][mesh[to]["prefix"]]["via"]
+        return by_node[next(x["node_id"] for x in mesh[at]["links"] if x["interface"] == via)]
+
     for i in ids:
-        mesh = _status(lab, f"relay{i}")["mesh"]
-        neighbours = {link["node_id"] for link in mesh["links"]}
+        neighbours = {link["node_id"] for link in mesh[i]["links"]}
         ring_partners = {ids[b] for a, b in RING if a == i} | {ids[a] for a, b in RING if b == i}
         assert neighbours == ring_partners, f"relay{i} linked with the wrong relays"
         for j in ids:
             if j == i:
                 continue
             hops = min((j - i) % 6, (i - j) % 6)
-            target = _status(lab, f"relay{j}")["mesh"]["prefix"]
-            assert mesh["routes"][target]["metric"] > 0
+            assert mesh[i]["routes"][mesh[j]["prefix"]]["metric"] > 0
             # Walk the next hops: they reach j in exactly the ring distance.
             at, walked = i, 0
             while at != j:
-                at = _next_hop(lab, ids, at, j)
+                at = next_hop(at, j)
                 walked += 1
                 assert walked <= 6, f"forwarding loop from relay{i} to relay{j}"
             assert walked == hops, f"relay{i} → relay{j}: {walked} hops, shortest is {hops}"
+
+    _forged_mesh_sources_are_dropped_and_counted(lab, ids)
 
     # A relay that stops takes its links, routes and rule with it.
     links = [link["interface"] for link in _status(lab, "relay6")["mesh"]["links"]]
@@ -206,3 +216,57 @@ def test_entry_relay_dies_client_moves_to_its_standby(
     assert after["exit"] == ids[4], "the session with the exit must survive"
     assert any("is silent: switching to" in line for line in after["events"])
     assert fetch(lab, "client1", "/ip").decode() == str(lab.plan.relay(4).wan_addr)
+
+
+_SEND_FROM = """\
+import socket, sys
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind((src, 0))
+for _ in range(20):
+    s.sendto(b"forged?", (dst, port))
+"""
+
+_LISTEN = """\
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("::", int(sys.argv[1])))
+s.settimeout(float(sys.argv[2]))
+got = []
+try:
+    while True:
+        got.append(s.recvfrom(100)[1][0])
+except TimeoutError:
+    pass
+print(" ".join(got))
+"""
+
+
+def _forged_mesh_sources_are_dropped_and_counted(lab: Lab, ids: dict[int, str]) -> None:
+    """relay2 sends to relay1 over their link from a source routing does not know,
+    then from its own mesh address: only the second arrives, the first is counted."""
+    link = next(
+        x["interface"] for x in _status(lab, "relay2")["mesh"]["links"] if x["node_id"] == ids[1]
+    )
+    forged, own = "fd99:dead:beef::1", _status(lab, "relay2")["mesh"]["address"]
+    lab.exec("relay2", ["ip", "-6", "addr", "add", f"{forged}/128", "dev", link, "nodad"])
+    target = _status(lab, "relay1")["mesh"]["address"]
+    before = _status(lab, "relay1")["dropped"]["exit_table"].get("mesh_spoofed", 0)
+    port = "40999"
+    listen = subprocess.Popen(
+        ["ip", "netns", "exec", lab.netns("relay1"), sys.executable, "-c", _LISTEN, port, "4"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        time.sleep(0.5)
+        for source in (forged, own):
+            lab.exec("relay2", [sys.executable, "-c", _SEND_FROM, source, target, port])
+        out, _ = listen.communicate(timeout=30)
+    finally:
+        if listen.poll() is None:
+            listen.kill()
+    senders = set(out.decode().split())
+    assert own in senders, "the real mesh source must get through"
+    assert forged not in senders, "a source routing does not know crossed a mesh link"
+    after = _status(lab, "relay1")["dropped"]["exit_table"].get("mesh_spoofed", 0)
+    assert after - before >= 20

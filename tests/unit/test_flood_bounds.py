@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import os
+import ssl
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,10 @@ def test_a_full_mqtt_queue_is_counted_and_logged_once(caplog: pytest.LogCaptureF
     async def handler(_topic: str, _payload: bytes) -> None:
         return None
 
-    link = ControlLink(BrokerAddress("192.0.2.1"), name="t", subscriptions=[], handler=handler)
+    tls = ssl.create_default_context()  # never used: the link is not run
+    link = ControlLink(
+        BrokerAddress("192.0.2.1"), name="t", subscriptions=[], handler=handler, tls=tls
+    )
     client_logger = link._logger
     with caplog.at_level(logging.WARNING):
         for _ in range(500):
