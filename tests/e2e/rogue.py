@@ -13,13 +13,15 @@ from typing import Any
 
 from accounting.exchange import Counters, Statement
 from meshvpn.cli import main as main_cli
-from meshvpn.client import ClientAgent
+from meshvpn.client import _Duty
 from relay.metering import ReceiptDesk
 
 MIB = 1 << 20
 
 
-class RogueClient(ClientAgent):
+class RogueDuty(_Duty):
+    """The client's receipt duty (one per paid session), with one behaviour changed."""
+
     mode = ""
     first_wire = b""
 
@@ -34,8 +36,8 @@ class RogueClient(ClientAgent):
             transport.sendto(self.first_wire, addr)
             return
         await super()._on_channel(data, addr, transport)
-        if self.mode == "replay" and self.receipts is not None and self.receipts.signed_wire:
-            self.first_wire = self.receipts.signed_wire
+        if self.mode == "replay" and self.session.signed_wire:
+            self.first_wire = self.session.signed_wire
 
 
 class InflatingDesk(ReceiptDesk):
@@ -51,8 +53,8 @@ def main() -> int:
     if role == "client":
         import meshvpn.client  # noqa: PLC0415
 
-        RogueClient.mode = mode
-        meshvpn.client.ClientAgent = RogueClient  # type: ignore[misc]
+        RogueDuty.mode = mode
+        meshvpn.client._Duty = RogueDuty  # type: ignore[misc]
         return main_cli(["connect", "--foreground", *argv])
     import relay.agent  # noqa: PLC0415
 
