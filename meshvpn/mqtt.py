@@ -28,7 +28,11 @@ log = logging.getLogger("meshvpn.mqtt")
 BACKOFF_START: Final = 0.25
 BACKOFF_MAX: Final = 5.0
 KEEPALIVE: Final = 10
-MAX_QUEUED_IN: Final = 4096
+# aiomqtt discards what arrives while its queue is full. A new client is sent
+# every retained announcement at once (up to the directory's 100,000), faster
+# than it verifies them: the queue must hold them all, or the directory comes
+# out partial and the sync echo behind them is lost (bench/scale.py).
+MAX_QUEUED_IN: Final = 110_000
 
 Handler = Callable[[str, bytes], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
