@@ -65,6 +65,7 @@ class Benchmark:
     order: int  # run order in bench/run.py: cheap and pure first, big labs last
     goals: tuple[Goal, ...] = field(default=())
     needs_root: bool = False
+    profiles: bool = False  # takes --profile: adds where the time goes to its JSON
 
 
 def summary(samples: Sequence[float], unit: str, digits: int = 4) -> dict[str, float]:

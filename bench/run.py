@@ -5,6 +5,9 @@
     python bench/run.py --only scale       # some of them
     python bench/run.py --list             # what is registered, with its goals
 
+A full run also profiles, where a benchmark can (``profiles=True``): one
+extra run under cProfile, py-spy or perf(1), summarised into its JSON.
+
 A benchmark is any ``bench/<name>.py`` (see ``bench/common.py``): it takes
 ``--quick`` and ``--out FILE``, writes one JSON object, and declares
 ``BENCHMARK = Benchmark(name, title, order, goals)`` at module level. This
@@ -66,6 +69,8 @@ def run(bench: Benchmark, quick: bool, out_dir: Path) -> dict[str, Any]:
     argv = [sys.executable, str(HERE / f"{bench.name}.py"), "--out", str(out)]
     if quick:
         argv.append("--quick")
+    elif bench.profiles:
+        argv.append("--profile")  # a full run also says where the time goes
     started = time.monotonic()
     print(f"== {bench.name}: {bench.title}", file=sys.stderr, flush=True)
     try:

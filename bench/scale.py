@@ -49,6 +49,7 @@ BENCHMARK = Benchmark(
     title="Control plane: a new client choosing among N announced relays",
     order=40,
     needs_root=True,
+    profiles=True,
     goals=(Goal("choose among 10,000 relays", "n10000.discovery_pick", "<=", 1.0),),
 )
 

@@ -59,6 +59,7 @@ BENCHMARK = Benchmark(
     title="Single hop: meshvpn vs. plain wireguard-go; agent CPU and memory",
     order=30,
     needs_root=True,
+    profiles=True,
     goals=(
         Goal("TCP up, meshvpn / plain WireGuard", "ratio_tcp_up", ">=", 0.97),
         Goal("TCP down, meshvpn / plain WireGuard", "ratio_tcp_down", ">=", 0.97),
