@@ -19,9 +19,11 @@ turn (the order reverses every round, so none always gets the warmer machine):
   a bare nftables masquerade on the relay; no agent, no meshvpn rules.
 
 Per arm and round, iperf3 from client1: TCP up, TCP down (``-R``) and UDP up
-(unlimited offered rate; the figure is what the server received). Ratios are
-each arm's median over plain's. A metered run that the relay cuts off ends
-in iperf3's send/receive timeout; it counts as 0 and in ``metered_cut_offs``.
+(unlimited offered rate; the figure is what the server received). A ratio is
+the median over rounds of each arm's run divided by the plain run of the
+same round and test (paired, so the machine's drifting load cancels out).
+A metered run that the relay cuts off ends in iperf3's send/receive
+timeout; it counts as 0 and in ``metered_cut_offs``.
 
 Agent overhead (both meshvpn arms), sampled from /proc/PID/stat and /proc/PID/status of the
 meshvpn agent processes only (the relay's and the client's; wireguard-go is
@@ -52,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self
 
-from common import GB, MB, Benchmark, Goal, ProcSample, proc_sample, ratio, summary, write_report
+from common import GB, MB, Benchmark, Goal, ProcSample, proc_sample, summary, write_report
 
 BENCHMARK = Benchmark(
     name="throughput",
@@ -119,6 +121,8 @@ class MeshvpnArm:
     name: str = "meshvpn"
     client_pid: int = 0
     rounds: int = 0
+    signed: int = 0  # receipts the metered clients signed,
+    acked: int = 0  # and how many of them the relay acknowledged
 
     def state_dir(self) -> Path:
         from meshvpn.lab.nodes import node_state_dir
@@ -148,6 +152,10 @@ class MeshvpnArm:
         self.client_pid = int(json.loads(self.meshvpn("status", "--json"))["pid"])
 
     def down(self) -> None:
+        if self.metered:
+            session = json.loads(self.meshvpn("status", "--json")).get("session") or {}
+            self.signed += session.get("receipt_seq", 0)
+            self.acked += session.get("acked_seq", 0)
         self.meshvpn("disconnect")
 
     def agents(self) -> dict[str, int]:
@@ -498,6 +506,7 @@ class Tally:
     busy: dict[str, list[Window]] = field(default_factory=dict)
     stalled: dict[str, list[str]] = field(default_factory=dict)
     profiles: dict[str, list[str]] = field(default_factory=dict)
+    exchange: dict[str, Any] = field(default_factory=dict)
 
 
 def sample_idle(arm: Arm, pids: dict[str, int], idle_s: float, tally: Tally) -> None:
@@ -598,10 +607,25 @@ def measure(rounds: int, seconds: float, idle_s: float, profile: bool) -> dict[s
                     finally:
                         if rounds > 1 or test == TESTS[-1]:
                             arm.down()
+            tally.exchange = exchange(lab, metered)
         finally:
             plain.close()
             server.stop()
     return report(TESTS, tally)
+
+
+def exchange(lab: Any, metered: MeshvpnArm) -> dict[str, Any]:  # noqa: ANN401
+    """The receipt exchange as both ends saw it, over all metered sessions."""
+    from meshvpn.lab.nodes import node_status
+
+    receipts = (node_status(lab, "relay1") or {}).get("receipts", {})
+    counters = {k: v for k, v in receipts.items() if isinstance(v, int)}
+    return {
+        "client_receipts_signed": metered.signed,  # highest seq per session, summed
+        "client_receipts_acked": metered.acked,
+        "relay": counters,  # statements sent, receipts accepted and rejected, cut-offs
+        "cut_off_reasons": [c["reason"] for c in receipts.get("cut_offs", [])],
+    }
 
 
 def report(tests: tuple[str, ...], tally: Tally) -> dict[str, Any]:
@@ -609,13 +633,18 @@ def report(tests: tuple[str, ...], tally: Tally) -> dict[str, Any]:
     for test in tests:
         for arm, by_test in tally.speeds.items():
             out[f"{arm}_{test}"] = summary(by_test[test], "mbit_s", 0)
-        for arm in tally.speeds:
+        base = tally.speeds["plain"][test]
+        for arm, by_test in tally.speeds.items():
             if arm != "plain":
+                # paired: each run over the plain run next to it (same round, same
+                # test), so the load drifting between rounds cancels out
+                pairs = [a / b for a, b in zip(by_test[test], base, strict=True) if b]
                 key = "ratio" if arm == "meshvpn" else f"ratio_{arm}"
-                out[f"{key}_{test}"] = ratio(out[f"{arm}_{test}"], out[f"plain_{test}"])
+                out[f"{key}_{test}"] = summary(pairs, "x", 3)
     for arm, lost in tally.lost.items():
         out[f"{arm}_udp_lost"] = summary(lost, "pct", 1)
     out["metered_cut_offs"] = len(tally.stalled.get("metered", []))
+    out["metered_exchange"] = tally.exchange
     out["stalled_runs"] = tally.stalled
     for name, windows in tally.busy.items():
         calm = tally.idle.get(name, [])
