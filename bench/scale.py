@@ -30,10 +30,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import ipaddress
 import json
 import os
+import pstats
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,7 +45,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 from common import MB, Benchmark, Goal, ratio, summary, write_report
+
+from meshvpn.client import ClientAgent, ClientOptions
+from meshvpn.clock import now_ms
+from meshvpn.directory import ANNOUNCE_PREFIX, announce_topic, sync_topic
+from meshvpn.identity import (
+    PublicKey,
+    init_identity,
+    mesh_address_of,
+    new_ed25519,
+    new_x25519,
+    node_id_of,
+)
+from meshvpn.lab import Lab
+from meshvpn.lab.netns import exec_argv
+from meshvpn.lab.nodes import broker_address, start_broker
+from meshvpn.messages import ROLE_ENTRY, ROLE_EXIT, Announcement, sign
+from meshvpn.mqtt import BrokerAddress
+from meshvpn.probe import ProbeResponder
 
 BENCHMARK = Benchmark(
     name="scale",
@@ -73,9 +95,6 @@ class SimRelay:
 
 
 def make_relay(index: int, host: str, rng: random.Random, now_ms: int) -> SimRelay:
-    from meshvpn.directory import announce_topic
-    from meshvpn.identity import PublicKey, mesh_address_of, new_ed25519, new_x25519, node_id_of
-    from meshvpn.messages import ROLE_ENTRY, ROLE_EXIT, Announcement, sign
 
     identity, control = new_ed25519(), new_x25519()
     spread = rng.random()
@@ -103,7 +122,6 @@ def make_relay(index: int, host: str, rng: random.Random, now_ms: int) -> SimRel
 
 class _Prober(asyncio.DatagramProtocol):
     def __init__(self, control: Any) -> None:  # noqa: ANN401
-        from meshvpn.probe import ProbeResponder
 
         self.responder = ProbeResponder(control)
         self.transport: Any = None
@@ -112,7 +130,6 @@ class _Prober(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        from meshvpn.clock import now_ms
 
         reply = self.responder.handle(data, str(addr[0]), now_ms())
         if reply is not None:
@@ -121,7 +138,6 @@ class _Prober(asyncio.DatagramProtocol):
 
 async def publish_all(broker: tuple[str, int], relays: list[SimRelay]) -> float:
     """Publish every announcement retained (QoS 1); seconds until all are acknowledged."""
-    import aiomqtt
 
     shares = [relays[i::PUBLISHERS] for i in range(PUBLISHERS)]
 
@@ -146,13 +162,10 @@ async def publish_all(broker: tuple[str, int], relays: list[SimRelay]) -> float:
 
 async def simulate(args: argparse.Namespace) -> None:
     """Commands on stdin (``grow N``, ``quit``); one JSON line on stdout per command."""
-    import resource
-
-    from meshvpn.clock import now_ms
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
-    rng = random.Random(args.seed)
+    rng = random.Random(args.seed)  # noqa: S311 - a reproducible population
     loop = asyncio.get_running_loop()
     relays: list[SimRelay] = []
     transports: list[asyncio.BaseTransport] = []
@@ -199,9 +212,6 @@ class _Picked(Exception):  # noqa: N818 - a signal, not an error
 
 async def discover(args: argparse.Namespace) -> dict[str, Any]:
     """The client's own discovery, timed; stops before the session request."""
-    from meshvpn.client import ClientAgent, ClientOptions
-    from meshvpn.identity import init_identity
-    from meshvpn.mqtt import BrokerAddress
 
     marks: dict[str, float] = {}
 
@@ -254,9 +264,6 @@ async def discover(args: argparse.Namespace) -> dict[str, Any]:
 
 async def bare(args: argparse.Namespace) -> dict[str, Any]:
     """The same retained messages to a subscriber that does nothing with them."""
-    import aiomqtt
-
-    from meshvpn.directory import ANNOUNCE_PREFIX, sync_topic
 
     host, _, port = args.broker.rpartition(":")
     sync = sync_topic(os.urandom(8))
@@ -291,7 +298,6 @@ def run_client(lab: Any, mode: str, broker: str, *extra: str) -> dict[str, Any]:
 
 def top_of_profile(path: Path, lines: int = 12) -> list[str]:
     """The functions that took the most time of their own, as 'seconds  calls  function'."""
-    import pstats
 
     stats: Any = pstats.Stats(str(path)).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
     rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:lines]
@@ -302,9 +308,6 @@ def top_of_profile(path: Path, lines: int = 12) -> list[str]:
 
 
 def measure(sizes: list[int], runs: int, profile: bool) -> dict[str, Any]:
-    from meshvpn.lab import Lab
-    from meshvpn.lab.netns import exec_argv
-    from meshvpn.lab.nodes import broker_address, start_broker
 
     report: dict[str, Any] = {}
     with Lab(f"bs{os.getpid() % 100_000:05d}") as lab:
@@ -403,8 +406,6 @@ def main() -> int:
         if args.profile is None:
             result = asyncio.run(job)
         else:
-            import cProfile
-
             with cProfile.Profile() as prof:
                 result = asyncio.run(job)
             prof.dump_stats(args.profile)

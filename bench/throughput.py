@@ -56,6 +56,19 @@ from typing import Any, Protocol, Self
 
 from common import GB, MB, Benchmark, Goal, ProcSample, proc_sample, summary, write_report
 
+from meshvpn.lab import Lab
+from meshvpn.lab.netns import exec_argv
+from meshvpn.lab.nodes import (
+    broker_address,
+    meshvpn_argv,
+    node_ifname,
+    node_state_dir,
+    node_status,
+    relay_endpoint,
+    start_broker,
+    start_relay,
+)
+
 BENCHMARK = Benchmark(
     name="throughput",
     title="Single hop: meshvpn vs. plain wireguard-go; agent CPU and memory",
@@ -125,20 +138,17 @@ class MeshvpnArm:
     acked: int = 0  # and how many of them the relay acknowledged
 
     def state_dir(self) -> Path:
-        from meshvpn.lab.nodes import node_state_dir
 
         base = node_state_dir(self.lab, "client1")
         # metered: a fresh identity each round (a cut-off client is refused for a while)
         return base.with_name(f"client1-m{self.rounds}") if self.metered else base
 
     def meshvpn(self, *args: str) -> str:
-        from meshvpn.lab.nodes import meshvpn_argv
 
         argv = meshvpn_argv(*args, "--state-dir", str(self.state_dir()))
         return self.lab.exec("client1", argv, timeout=60).stdout.decode()
 
     def up(self) -> None:
-        from meshvpn.lab.nodes import broker_address, node_ifname, relay_endpoint
 
         self.rounds += 1
         self.meshvpn("init")
@@ -163,7 +173,6 @@ class MeshvpnArm:
 
 
 def admit_argv(lab: Any, key: str) -> list[str]:  # noqa: ANN401
-    from meshvpn.lab.nodes import meshvpn_argv, node_state_dir
 
     return meshvpn_argv("admit", key, "--json", "--state-dir", str(node_state_dir(lab, "relay1")))
 
@@ -181,7 +190,6 @@ class PlainArm:
         return f"{self.lab.prefix}p{side}"
 
     def _wireguard_go(self, node: str, side: str) -> None:
-        from meshvpn.lab.netns import exec_argv
 
         ifname = self.ifname(side)
         env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
@@ -387,7 +395,6 @@ class IperfServer:
         self.starts = 0
 
     def start(self) -> None:
-        from meshvpn.lab.netns import exec_argv
 
         log = self.lab.state_dir / "iperf3.log"
         web = str(self.lab.plan.internet.web_addr)
@@ -570,8 +577,6 @@ def schedule(arms: list[Arm], r: int, *, single: bool) -> list[tuple[str, Arm, b
 
 
 def measure(rounds: int, seconds: float, idle_s: float, profile: bool) -> dict[str, Any]:
-    from meshvpn.lab import Lab
-    from meshvpn.lab.nodes import start_broker, start_relay
 
     tally = Tally()
     with Lab(f"bt{os.getpid() % 100_000:05d}") as lab:
@@ -616,7 +621,6 @@ def measure(rounds: int, seconds: float, idle_s: float, profile: bool) -> dict[s
 
 def exchange(lab: Any, metered: MeshvpnArm) -> dict[str, Any]:  # noqa: ANN401
     """The receipt exchange as both ends saw it, over all metered sessions."""
-    from meshvpn.lab.nodes import node_status
 
     receipts = (node_status(lab, "relay1") or {}).get("receipts", {})
     counters = {k: v for k, v in receipts.items() if isinstance(v, int)}
