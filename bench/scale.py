@@ -256,7 +256,7 @@ async def discover(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_s": cpu,
         "rss_growth_bytes": rss - rss0,
         "rss_bytes": rss,
-        "directory": len(agent.directory.entries),
+        "directory": len(agent.directory),  # all it holds, checked or not yet
         "rejected": dict(agent.directory.rejected),
         "picked_geohash": picked.announcement.geohash,
     }
