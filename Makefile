@@ -43,3 +43,15 @@ uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/meshvpn
 	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(notdir $(wildcard systemd/*.service)))
 	@echo "left $(DESTDIR)$(SYSCONFDIR)/meshvpn/ (your config) in place"
+
+# ---- benchmarks (as root; ./run installs what they need)
+.PHONY: bench bench-quick
+
+# Every benchmark against its same-run baseline (~15 min on 2 cores):
+# bench/results/latest.json and latest.md. ARGS=... passes options to bench/run.py.
+bench:
+	./run bench $(ARGS)
+
+# Each benchmark once (a few minutes): what the test suite runs so the harness cannot rot.
+bench-quick:
+	./run bench --quick --out-dir bench/results/quick $(ARGS)

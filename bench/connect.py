@@ -6,16 +6,24 @@ Side by side in one run, on the same lab:
   (the first connect of a fresh client) and warm (reconnects).
 Each figure is the median over the runs with min and max; the ratio is
 discovery over by-hand. Run as root: `python bench/connect.py [--runs N] [--quick]`.
+
+Each scenario builds its own lab and returns its figures; ``SCENARIOS`` lists
+them. Multi-hop (a 3-relay path, once the relay mesh exists) goes in as one
+more scenario with its own goal in ``BENCHMARK``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from common import Benchmark, Goal
 
 from meshvpn.lab import Lab
 from meshvpn.lab.nodes import (
@@ -28,6 +36,17 @@ from meshvpn.lab.nodes import (
     relay_endpoint,
     start_broker,
     start_relay,
+)
+
+BENCHMARK = Benchmark(
+    name="connect",
+    title="Connect time: `meshvpn connect` to the first byte through the tunnel",
+    order=20,
+    needs_root=True,
+    goals=(
+        Goal("single hop, discovery, warm, s", "discovery_warm", "<=", 1.0),
+        Goal("single hop, discovery, cold, s", "discovery_cold", "<=", 1.0),
+    ),
 )
 
 
@@ -67,15 +86,10 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="one run each (smoke test)")
-    parser.add_argument("--out", type=Path, help="write the JSON result here too")
-    args = parser.parse_args()
-    runs = 1 if args.quick else args.runs
+def single_hop(runs: int) -> dict[str, Any]:
+    """By hand vs. discovery, through one relay of three at 30/5/15 ms."""
     results: dict[str, list[float]] = {"hand": [], "discovery_cold": [], "discovery_warm": []}
-    with Lab(f"bc{int(time.time()) % 10000}") as lab:
+    with Lab(f"bc{os.getpid() % 100_000:05d}") as lab:
         lab.up(3, 2, latency_ms=[30.0, 5.0, 15.0])
         start_broker(lab)
         for i in (1, 2, 3):
@@ -88,10 +102,26 @@ def main() -> int:
         for _ in range(runs):
             results["discovery_warm"].append(timed_connect(lab, 2, "broker"))
             meshvpn(lab, "client2", "disconnect")
-    report = {name: summary(s) for name, s in results.items()}
+    report: dict[str, Any] = {name: summary(s) for name, s in results.items()}
     report["ratio_discovery_warm_to_hand"] = round(
         report["discovery_warm"]["median_s"] / report["hand"]["median_s"], 2
     )
+    return report
+
+
+SCENARIOS: list[Callable[[int], dict[str, Any]]] = [single_hop]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="one run each (smoke test)")
+    parser.add_argument("--out", type=Path, help="write the JSON result here too")
+    args = parser.parse_args()
+    runs = 1 if args.quick else args.runs
+    report: dict[str, Any] = {}
+    for scenario in SCENARIOS:
+        report |= scenario(runs)
     print(json.dumps(report, indent=2))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

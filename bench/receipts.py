@@ -20,11 +20,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common import Benchmark
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from accounting.receipts import Receipt, ReceiptBundle, sign_receipt
 from meshvpn.identity import new_ed25519
 from relay.journal import Journal
+
+BENCHMARK = Benchmark(
+    name="receipts",
+    title="Receipts: sign, verify, journal per second on one core, against bare Ed25519",
+    order=10,
+)
 
 
 def rate(fn: Callable[[int], object], seconds: float) -> float:

@@ -23,6 +23,15 @@ topics.
 Limits are set so that one misbehaving client cannot exhaust the broker:
 message size (our largest message is 4 KiB), queued and in-flight messages
 per client, and persistence so retained announcements survive a restart.
+
+The per-client queue must still hold what a new client is sent at once: on
+subscribing to the announcements, every retained one (up to the directory's
+``MAX_ENTRIES``), then the client's sync echo after them. mosquitto drops
+QoS 0 messages past ``max_queued_messages``/``max_queued_bytes`` when the
+client reads slower than the broker writes, as a client verifying signatures
+does; with 1 MiB a new client saw fewer than 4,500 of 10,000 relays, and
+lost its sync echo too (``bench/scale.py``). The messages themselves are
+stored once and shared; a queue entry is a reference.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from meshvpn import pki
-from meshvpn.directory import TOPIC_ROOT
+from meshvpn.directory import MAX_ENTRIES, TOPIC_ROOT
 from meshvpn.errors import ConfigError, LocalError
 from meshvpn.identity import (
     PrivateKey,
@@ -60,6 +69,8 @@ SERVER_KEY: Final = "server.key"
 SERVER_CERT: Final = "server.crt"
 ACL_FILE: Final = "acl"
 RENEW_BEFORE: Final = dt.timedelta(days=30)
+ANNOUNCEMENT_BUDGET: Final = 512  # bytes per queued announcement; a signed one is ~240
+MAX_QUEUED: Final = MAX_ENTRIES + 1000  # the whole directory, and room for the rest
 
 
 @dataclass(frozen=True)
@@ -143,8 +154,8 @@ set_tcp_nodelay true
 max_connections 20000
 max_packet_size {MAX_PAYLOAD + 512}
 max_inflight_messages 100
-max_queued_messages 1000
-max_queued_bytes 1048576
+max_queued_messages {MAX_QUEUED}
+max_queued_bytes {MAX_QUEUED * ANNOUNCEMENT_BUDGET}
 max_keepalive 300
 persistence true
 persistence_location {d}/

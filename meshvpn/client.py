@@ -76,7 +76,7 @@ from meshvpn.messages import (
     SessionRequest,
     verify,
 )
-from meshvpn.mqtt import BrokerAddress, ControlLink, load_credentials
+from meshvpn.mqtt import MAX_QUEUED_DIRECTORY, BrokerAddress, ControlLink, load_credentials
 from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeSent, check_reply, make_request, reply_nonce
 from meshvpn.rates import Throughput
@@ -233,7 +233,7 @@ class ClientAgent(Agent):
     def __init__(self, opts: ClientOptions) -> None:
         super().__init__(opts)
         self.duties: dict[str, _Duty] = {}
-        self.directory = Directory()
+        self.directory = Directory(lazy=True)  # checks only the signatures it uses
         self.link: ControlLink | None = None
         self.chosen: Chosen | None = None  # the relay, or multi-hop: the entry
         self.exit: Chosen | None = None  # multi-hop: the exit, reached over the mesh
@@ -295,6 +295,7 @@ class ClientAgent(Agent):
                 (credit_topic(self.identity.node_id), 1),  # what the client has left
             ],
             handler=self._on_message,
+            max_queued_in=MAX_QUEUED_DIRECTORY,
         )
         self.spawn(self.link.run())
         try:
@@ -354,19 +355,24 @@ class ClientAgent(Agent):
     def _candidates(self, exclude: frozenset[str] = frozenset()) -> list[Entry]:
         """Where the tunnel may start: single hop, an exit; multi-hop, a mesh entry."""
         opts = self.opts
-        found = self.directory.candidates(
+        entry_node = opts.entry_node if opts.entry_node not in exclude else ""
+
+        def mesh_entry(e: Entry) -> bool:
+            return bool(e.announcement.roles & ROLE_MESH) and entry_node in ("", e.node_id)
+
+        def pinned(e: Entry) -> bool:
+            return entry_node in ("", e.node_id)
+
+        return self.directory.candidates(
             now_ms(),
             near=opts.near,
             exit_region="" if opts.multihop else opts.exit_region,
             max_price=opts.max_price,
             need_exit=not opts.multihop,
             exclude=exclude,
+            where=mesh_entry if opts.multihop else pinned,
+            limit=PROBE_CANDIDATES,
         )
-        if opts.multihop:
-            found = [e for e in found if e.announcement.roles & ROLE_MESH]
-        if opts.entry_node and opts.entry_node not in exclude:
-            found = [e for e in found if e.node_id == opts.entry_node]
-        return found[:PROBE_CANDIDATES]
 
     async def _find_relay(
         self, exclude: frozenset[str] = frozenset(), *, probe: bool = True, announce: bool = True
@@ -375,7 +381,7 @@ class ClientAgent(Agent):
         what = "mesh entry" if self.opts.multihop else "exit"
         if not candidates:
             raise RemoteError(
-                f"no usable relay: the broker listed {len(self.directory.entries)} relay(s),"
+                f"no usable relay: the broker listed {len(self.directory)} relay(s),"
                 f" none of them a {what} that fits the filters you gave",
                 "try again later or relax the filters",
             )
@@ -429,18 +435,17 @@ class ClientAgent(Agent):
         """Multi-hop: an exit on the mesh other than the entry, reached at its mesh
         address. No probing: the mesh's routing finds the way there."""
         opts = self.opts
-        candidates = [
-            e
-            for e in self.directory.candidates(
-                now_ms(),
-                near=opts.near,
-                exit_region=opts.exit_region,
-                max_price=opts.max_price,
-                exclude=exclude,
-            )
-            if e.announcement.roles & ROLE_MESH
-            and (not opts.exit_node or e.node_id == opts.exit_node)
-        ]
+        candidates = self.directory.candidates(
+            now_ms(),
+            near=opts.near,
+            exit_region=opts.exit_region,
+            max_price=opts.max_price,
+            exclude=exclude,
+            where=lambda e: (
+                bool(e.announcement.roles & ROLE_MESH) and opts.exit_node in ("", e.node_id)
+            ),
+            limit=MAX_ATTEMPTS,
+        )
         if not candidates:
             wanted = opts.exit_node or "an exit on the mesh"
             raise RemoteError(
@@ -469,7 +474,7 @@ class ClientAgent(Agent):
         assert self.link is not None  # noqa: S101 - only with a broker
         ann = entry.announcement
         request = SessionRequest(
-            relay=entry.signed.signer,
+            relay=entry.signer,
             control_key=self.identity.control_public,
             wireguard_key=self.identity.wireguard_public,
             want_exit="",
@@ -481,7 +486,7 @@ class ClientAgent(Agent):
         wire, pending = open_request(
             self.identity.identity_key,
             self.identity.control_key,
-            entry.signed.signer,
+            entry.signer,
             ann.control_key,
             request,
         )
@@ -920,7 +925,7 @@ class ClientAgent(Agent):
                 "connected": bool(self.link and self.link.connected.is_set()),
             },
             "directory": {
-                "relays": len(self.directory.entries),
+                "relays": len(self.directory),
                 "rejected": dict(self.directory.rejected),
             },
             "lockdown": lockdown,
@@ -960,7 +965,7 @@ class _Duty:
         terms = Terms(
             session_id=relay.grant.session_id,
             client=self.agent.identity.identity_public,
-            path=(relay.entry.signed.signer,),
+            path=(relay.entry.signer,),
             price_per_gib=relay.grant.price_per_gib,
             started_ms=now_ms(),
         )

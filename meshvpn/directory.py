@@ -7,6 +7,19 @@ newer than what we hold; otherwise the reason is counted (the adapter logs
 each reason's first occurrence). An empty payload is the broker clearing a
 retained announcement (a relay's last will, or its clean exit).
 
+A client's directory (``lazy=True``) checks signatures lazily. A new client
+is sent every retained announcement at once, and checking 10,000 Ed25519
+signatures takes longer than the second it has to choose (``bench/scale.py``),
+while it only ever looks at the few nearest. So a relay seen for the first
+time goes to ``pending`` after every check but the signature's
+(``peek_announcement``), and ``candidates`` checks the signature of each one
+it is about to return, moving it to ``entries`` or dropping (and counting)
+it, until it has as many as asked for. A message that would replace a known
+relay's is verified at once, and so is a pending one it would replace: a
+forgery never displaces a genuine announcement, nor does a forged "newest"
+one make the genuine one look stale. ``entries`` only ever holds verified
+announcements, lazy or not; only ``candidates`` looks at ``pending``.
+
 Choosing: candidates are filtered by the user's constraints, ordered by how
 much of their geohash they share with ours (coarse location first), the best
 few are probed, and the lowest RTT wins. RTTs within ``TIE_MS`` of each other
@@ -17,10 +30,21 @@ full (load >= capacity) are kept, last: their refusal says why.
 from __future__ import annotations
 
 import collections
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from meshvpn.messages import Announcement, MessageError, Signed, verify_announcement
+from meshvpn.identity import PublicKey, node_id_of
+from meshvpn.messages import (
+    Announcement,
+    MessageError,
+    Signed,
+    Unverified,
+    peek_announcement,
+    verify_announcement,
+    verify_signature,
+)
 
 TOPIC_ROOT: Final = "meshvpn/v1"
 ANNOUNCE_PREFIX: Final = f"{TOPIC_ROOT}/announce/"
@@ -49,19 +73,31 @@ def sync_topic(node_id: str, token: bytes) -> str:
 
 @dataclass(frozen=True)
 class Entry:
-    signed: Signed
-    announcement: Announcement
+    """A relay's newest announcement. ``verified`` is False only inside the directory."""
 
-    @property
-    def node_id(self) -> str:
-        return self.signed.node_id
+    node_id: str
+    signer: PublicKey
+    announcement: Announcement
+    wire: bytes
+    verified: bool
+
+    @classmethod
+    def of(cls, node_id: str, msg: Signed | Unverified) -> Entry:
+        ann = msg.message
+        assert isinstance(ann, Announcement)  # noqa: S101 - *_announcement() checked it
+        return cls(node_id, msg.signer, ann, msg.wire, isinstance(msg, Signed))
 
 
 @dataclass
 class Directory:
-    entries: dict[str, Entry] = field(default_factory=dict)
+    entries: dict[str, Entry] = field(default_factory=dict)  # verified
+    pending: dict[str, Entry] = field(default_factory=dict)  # lazy: signature not checked yet
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     accepted: int = 0
+    lazy: bool = False
+
+    def __len__(self) -> int:
+        return len(self.entries) + len(self.pending)
 
     def offer(self, topic: str, payload: bytes, now_ms: int) -> str | None:
         """Take one message from an announcement topic; return why it was dropped, if it was."""
@@ -70,35 +106,57 @@ class Directory:
             return self._reject("wrong-topic")
         if not payload:
             self.entries.pop(node_id, None)
+            self.pending.pop(node_id, None)
             return None
+        held = self.entries.get(node_id) or self.pending.get(node_id)
+        if held is not None and held.wire == payload:
+            return None  # the same retained message again: harmless
+        if held is not None and not held.verified:
+            held = self._verify(held)  # before it decides what is stale
         try:
-            signed = verify_announcement(payload, now_ms)
+            msg: Signed | Unverified = (
+                peek_announcement(payload, now_ms)
+                if held is None and self.lazy
+                else verify_announcement(payload, now_ms)
+            )
         except MessageError as exc:
             return self._reject(exc.reason)
-        if signed.node_id != node_id:
+        if node_id_of(msg.signer) != node_id:
             return self._reject("wrong-topic")
-        ann = signed.message
-        assert isinstance(ann, Announcement)  # noqa: S101 - verify_announcement checked it
-        held = self.entries.get(node_id)
+        entry = Entry.of(node_id, msg)
         if held is not None:
-            if held.signed.wire == payload:
-                return None  # the same retained message again: harmless
-            if ann.issued_ms <= held.announcement.issued_ms:
+            if entry.announcement.issued_ms <= held.announcement.issued_ms:
                 return self._reject("stale")
-        elif len(self.entries) >= MAX_ENTRIES:
+        elif len(self) >= MAX_ENTRIES:
             return self._reject("directory-full")
-        self.entries[node_id] = Entry(signed, ann)
+        (self.entries if entry.verified else self.pending)[node_id] = entry
         self.accepted += 1
         return None
+
+    def _verify(self, entry: Entry) -> Entry | None:
+        """The entry with its signature checked, or None (dropped, counted) if it fails."""
+        if entry.verified:
+            return entry
+        del self.pending[entry.node_id]
+        try:
+            signed = verify_signature(Unverified(entry.announcement, entry.signer, entry.wire))
+        except MessageError as exc:
+            self._reject(exc.reason)
+            return None
+        checked = Entry.of(entry.node_id, signed)
+        self.entries[entry.node_id] = checked
+        return checked
 
     def _reject(self, reason: str) -> str:
         self.rejected[reason] += 1
         return reason
 
     def expire(self, now_ms: int) -> list[str]:
-        gone = [n for n, e in self.entries.items() if e.announcement.expires_ms <= now_ms]
-        for node_id in gone:
-            del self.entries[node_id]
+        """Drop the expired; return the node ids of the verified ones dropped."""
+        for held in (self.pending, self.entries):
+            gone = [n for n, e in held.items() if e.announcement.expires_ms <= now_ms]
+            for node_id in gone:
+                del held[node_id]
         return gone
 
     def candidates(
@@ -110,23 +168,27 @@ class Directory:
         max_price: int | None = None,
         need_exit: bool = True,
         exclude: frozenset[str] = frozenset(),
+        where: Callable[[Entry], bool] | None = None,
+        limit: int | None = None,
     ) -> list[Entry]:
         """Usable relays, nearest by location first (ties: cheaper, less loaded, id).
 
         Relays that announce themselves full (load >= capacity; capacity 0 while the
         owner's controls stop sharing) come last: an announcement can be stale, and
-        when only full ones are left, asking gets the client the relay's reason."""
+        when only full ones are left, asking gets the client the relay's reason.
+        ``where`` filters further. At most ``limit``, each with its signature
+        checked (see the module comment), so filter here rather than after."""
         usable = [
             e
-            for e in self.entries.values()
+            for e in itertools.chain(self.entries.values(), self.pending.values())
             if e.announcement.expires_ms > now_ms
             and e.node_id not in exclude
             and (not need_exit or e.announcement.is_exit)
             and e.announcement.geohash.startswith(exit_region)
             and (max_price is None or e.announcement.price_per_gib <= max_price)
+            and (where is None or where(e))
         ]
-        return sorted(
-            usable,
+        usable.sort(
             key=lambda e: (
                 is_full(e.announcement),
                 -_common_prefix(near, e.announcement.geohash),
@@ -135,6 +197,14 @@ class Directory:
                 e.node_id,
             ),
         )
+        chosen: list[Entry] = []
+        for entry in usable:
+            if limit is not None and len(chosen) >= limit:
+                break
+            checked = self._verify(entry)
+            if checked is not None:
+                chosen.append(checked)
+        return chosen
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -481,6 +481,20 @@ class Signed:
         return node_id_of(self.signer)
 
 
+@dataclass(frozen=True)
+class Unverified:
+    """A well-formed message whose signature has not been checked (yet): ``peek``.
+
+    Only for deciding which messages are worth a signature check (a directory
+    of thousands of announcements verifies the few it considers); nothing in
+    it may be acted on before ``verify_signature`` turned it into ``Signed``.
+    """
+
+    message: Message
+    signer: PublicKey
+    wire: bytes
+
+
 def sign(message: Message, key: PrivateKey) -> bytes:
     body = message.encode_body()
     head = HEADER.pack(MAGIC, VERSION, message.TYPE, len(body)) + body + key.ed25519_public().raw
@@ -489,8 +503,8 @@ def sign(message: Message, key: PrivateKey) -> bytes:
     return head + key.ed25519_sign(_label(type(message)) + head)
 
 
-def verify(wire: bytes, expect: type[Message] | None = None) -> Signed:
-    """Parse and verify; MessageError with a reason tag on anything wrong."""
+def _frame(wire: bytes, expect: type[Message] | None) -> type[Message]:
+    """Check the framing; return the message class."""
     if len(wire) > MAX_MESSAGE:
         raise MessageError("oversized")
     if len(wire) < HEADER.size + KEY_LEN + SIG_LEN:
@@ -505,27 +519,61 @@ def verify(wire: bytes, expect: type[Message] | None = None) -> Signed:
         raise MessageError("wrong-type")
     if len(wire) != HEADER.size + body_len + KEY_LEN + SIG_LEN:
         raise MessageError("malformed", "length mismatch")
+    return cls
+
+
+def _check_signature(cls: type[Message], wire: bytes) -> PublicKey:
     head = wire[:-SIG_LEN]
     signer = PublicKey(head[-KEY_LEN:])
     try:
         signer.ed25519_verify(wire[-SIG_LEN:], _label(cls) + head)
     except (InvalidSignature, ValueError):
         raise MessageError("bad-signature") from None
-    message = cls.decode_body(head[HEADER.size : -KEY_LEN])
+    return signer
+
+
+def verify(wire: bytes, expect: type[Message] | None = None) -> Signed:
+    """Parse and verify; MessageError with a reason tag on anything wrong."""
+    cls = _frame(wire, expect)
+    signer = _check_signature(cls, wire)
+    message = cls.decode_body(wire[HEADER.size : -KEY_LEN - SIG_LEN])
     return Signed(message, signer, wire)
 
 
-def verify_announcement(wire: bytes, now_ms: int) -> Signed:
-    signed = verify(wire, Announcement)
-    ann = signed.message
-    assert isinstance(ann, Announcement)  # noqa: S101 - verify() checked the type
-    if ann.mesh_address != mesh_address_of(signed.signer).packed:
+def peek(wire: bytes, expect: type[Message] | None = None) -> Unverified:
+    """Everything ``verify`` checks but the signature."""
+    cls = _frame(wire, expect)
+    message = cls.decode_body(wire[HEADER.size : -KEY_LEN - SIG_LEN])
+    return Unverified(message, PublicKey(wire[-KEY_LEN - SIG_LEN : -SIG_LEN]), wire)
+
+
+def verify_signature(unverified: Unverified) -> Signed:
+    """The signature check ``peek`` left out; MessageError("bad-signature") if it fails."""
+    signer = _check_signature(type(unverified.message), unverified.wire)
+    return Signed(unverified.message, signer, unverified.wire)
+
+
+def _check_announcement(ann: Message, signer: PublicKey, now_ms: int) -> None:
+    assert isinstance(ann, Announcement)  # noqa: S101 - the caller asked for this type
+    if ann.mesh_address != mesh_address_of(signer).packed:
         raise MessageError("malformed", "mesh address is not the signer's")
     if ann.expires_ms <= now_ms:
         raise MessageError("expired")
     if ann.issued_ms > now_ms + CLOCK_SKEW_MS:
         raise MessageError("from-the-future")
+
+
+def verify_announcement(wire: bytes, now_ms: int) -> Signed:
+    signed = verify(wire, Announcement)
+    _check_announcement(signed.message, signed.signer, now_ms)
     return signed
+
+
+def peek_announcement(wire: bytes, now_ms: int) -> Unverified:
+    """``verify_announcement`` but the signature: see ``Unverified``."""
+    unverified = peek(wire, Announcement)
+    _check_announcement(unverified.message, unverified.signer, now_ms)
+    return unverified
 
 
 CLOCK_SKEW_MS: Final = 60_000

@@ -57,6 +57,12 @@ CA_FILE: Final = "broker-ca.crt"
 MAX_QUEUED_IN: Final = 256  # about a second of work: older requests have timed out
 MAX_OUTBOX: Final = 256
 _QUEUE_FULL: Final = "Message queue is full"
+# aiomqtt discards what arrives while its queue is full. A new client is sent
+# every retained announcement at once (up to the directory's 100,000), faster
+# than it verifies them: a link that follows the directory needs a queue that
+# holds them all, or the directory comes out partial and the sync echo behind
+# them is lost (bench/scale.py). Links that only take requests keep the small one.
+MAX_QUEUED_DIRECTORY: Final = 110_000
 
 Handler = Callable[[str, bytes], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
@@ -260,10 +266,14 @@ class ControlLink:
         on_connect: Hook | None = None,
         persistent_id: str | None = None,
         on_delivery: DeliveryHandler | None = None,
+        max_queued_in: int = MAX_QUEUED_IN,
     ) -> None:
         """``persistent_id``: a fixed client id and a persistent session, so the broker
         queues QoS 1 messages while we are away. ``on_delivery``: manual acks, messages
-        go there instead of ``handler`` and count as delivered only once acked."""
+        go there instead of ``handler`` and count as delivered only once acked.
+        ``max_queued_in``: ``MAX_QUEUED_DIRECTORY`` for links that follow the
+        announcements."""
+        self.max_queued_in = max_queued_in
         self.broker = broker
         self.tls = tls
         # Unguessable (see persistent_client_id): another node reusing our client id
@@ -301,7 +311,7 @@ class ControlLink:
             will=will,
             keepalive=KEEPALIVE,
             timeout=5,
-            max_queued_incoming_messages=MAX_QUEUED_IN,
+            max_queued_incoming_messages=self.max_queued_in,
             clean_session=False if self.persistent else None,
             logger=self._logger,
         )

@@ -68,7 +68,14 @@ from meshvpn.messages import (
     SessionRequest,
     sign,
 )
-from meshvpn.mqtt import BrokerAddress, ControlLink, WillMessage, load_credentials
+from meshvpn.mqtt import (
+    MAX_QUEUED_DIRECTORY,
+    MAX_QUEUED_IN,
+    BrokerAddress,
+    ControlLink,
+    WillMessage,
+    load_credentials,
+)
 from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeResponder
 from meshvpn.ratelimit import RateTable
@@ -368,6 +375,8 @@ class RelayAgent(Agent):
                 handler=self._on_message,
                 will=WillMessage(announce_topic(self.identity.node_id), b""),
                 on_connect=self._announce,
+                # a mesh relay follows the announcements, like a client's directory
+                max_queued_in=MAX_QUEUED_DIRECTORY if self.mesh is not None else MAX_QUEUED_IN,
             )
             jobs += [self.link.run(), self._announce_loop(), self._serve_probes()]
             if self.mesh is not None:

@@ -298,7 +298,7 @@ class Mesh:
             return
         token = os.urandom(16)
         request = LinkRequest(
-            relay=entry.signed.signer,
+            relay=entry.signer,
             control_key=self.identity.control_public,
             wireguard_key=self.identity.wireguard_public,
             link_port=self.opts.link_port_base + slot,
@@ -309,7 +309,7 @@ class Mesh:
         wire, pending = open_request(
             self.identity.identity_key,
             self.identity.control_key,
-            entry.signed.signer,
+            entry.signer,
             entry.announcement.control_key,
             request,
         )
@@ -363,7 +363,7 @@ class Mesh:
             slot,
             name,
             self.opts.link_port_base + slot,
-            entry.signed.signer,
+            entry.signer,
             neighbour_addr,
         )
         self.links[node_id] = link
