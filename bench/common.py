@@ -43,6 +43,7 @@ class Goal:
     path: str
     op: Literal["<=", ">="]
     limit: float
+    in_quick: bool = True  # False: --quick does not measure it (too slow for a smoke run)
 
     def judge(self, result: dict[str, Any]) -> tuple[float | None, bool | None]:
         """(measured value, met?); (None, None) when the figure is missing."""

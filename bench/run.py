@@ -117,13 +117,15 @@ def run(bench: Benchmark, quick: bool, out_dir: Path) -> dict[str, Any]:
         return {"error": tail[0], "seconds": seconds}
     result: dict[str, Any] = json.loads(out.read_text())
     result["seconds"] = seconds
-    result["goals"] = judge(bench, result)
+    result["goals"] = judge(bench, result, quick)
     return result
 
 
-def judge(bench: Benchmark, result: dict[str, Any]) -> list[dict[str, Any]]:
+def judge(bench: Benchmark, result: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
     verdicts = []
     for goal in bench.goals:
+        if quick and not goal.in_quick:
+            continue
         value, met = goal.judge(result)
         verdicts.append(
             {"goal": goal.what, "measured": value, "limit": f"{goal.op} {goal.limit:g}", "met": met}

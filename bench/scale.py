@@ -1,11 +1,12 @@
 """Control-plane scale: a new client choosing among 1,000 and 10,000 relays.
 
-Lab: the broker (``meshvpn broker``, mosquitto with meshvpn's limits) in its
-namespace; a simulator in relay1's namespace that holds N relay identities,
-publishes one real signed, retained Announcement per relay (over a few
-connections, QoS 1, as fast as the broker acknowledges) and answers the
-authenticated RTT probes of every one of them (one UDP port per relay, the
-real ``ProbeResponder``); clients in client1's namespace.
+Lab: the broker (``meshvpn broker``: mosquitto with meshvpn's limits, TLS
+1.3, client certificates and ACLs) in its namespace; in relay1's namespace a
+crowd of N simulated relays (``meshvpn.lab.crowd``): each with its own keys
+and broker certificate publishes one real signed Announcement, retained,
+over its own TLS connection (16 at a time), and answers authenticated RTT
+probes on its own UDP port with the real ``ProbeResponder``; clients in
+client1's namespace, enrolled like any node.
 
 Measured, alternating, per size:
 
@@ -19,8 +20,9 @@ Measured, alternating, per size:
 - baseline, bare gather: a plain aiomqtt subscriber that receives the same
   retained messages and the same sync echo and does nothing with them: the
   floor set by the broker and the MQTT library.
-- the broker's intake: retained announcements acknowledged per second while
-  the simulator publishes, and its delivery to one new subscriber per second.
+- the broker's intake: relays announcing per second (TLS connect, publish
+  retained at QoS 1, acknowledged, disconnect; certificates issued before
+  the clock starts), and its delivery to one new subscriber per second.
 
     python bench/scale.py [--sizes 1000,10000] [--runs N] [--quick]
 """
@@ -31,17 +33,14 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import ipaddress
 import json
 import os
 import pstats
 import random
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,22 +48,12 @@ import aiomqtt
 from common import MB, Benchmark, Goal, ratio, summary, write_report
 
 from meshvpn.client import ClientAgent, ClientOptions
-from meshvpn.clock import now_ms
-from meshvpn.directory import ANNOUNCE_PREFIX, announce_topic, sync_topic
-from meshvpn.identity import (
-    PublicKey,
-    init_identity,
-    mesh_address_of,
-    new_ed25519,
-    new_x25519,
-    node_id_of,
-)
-from meshvpn.lab import Lab
+from meshvpn.directory import ANNOUNCE_PREFIX, sync_topic
+from meshvpn.identity import load_identity
+from meshvpn.lab import Lab, crowd
 from meshvpn.lab.netns import exec_argv
-from meshvpn.lab.nodes import broker_address, start_broker
-from meshvpn.messages import ROLE_ENTRY, ROLE_EXIT, Announcement, sign
-from meshvpn.mqtt import BrokerAddress
-from meshvpn.probe import ProbeResponder
+from meshvpn.lab.nodes import broker_address, enroll, node_state_dir, start_broker
+from meshvpn.mqtt import BrokerAddress, load_credentials
 
 BENCHMARK = Benchmark(
     name="scale",
@@ -72,119 +61,36 @@ BENCHMARK = Benchmark(
     order=40,
     needs_root=True,
     profiles=True,
-    goals=(Goal("choose among 10,000 relays", "n10000.discovery_pick", "<=", 1.0),),
+    goals=(
+        Goal("choose among 10,000 relays, s", "n10000.discovery_pick", "<=", 1.0, in_quick=False),
+    ),
 )
 
-NEAR = "u33d"  # the client's --near; 1 % of the relays share it, 5 % share "u3"
-GEOHASH_CHARS = "0123456789bcdefghjkmnpqrstuvwxyz"
-PROBE_PORT_BASE = 20000
-PUBLISHERS = 8
-WINDOW = 64  # unacknowledged publishes per connection
+NEAR = "u33d"  # the client's --near; 1 % of the relays share it
 
 
 # ---- the simulated relays (in relay1's namespace) ---------------------------
 
 
-@dataclass
-class SimRelay:
-    identity: Any  # meshvpn.identity.PrivateKey (Ed25519)
-    control: Any  # meshvpn.identity.PrivateKey (X25519)
-    topic: str
-    wire: bytes
-    probe_port: int
-
-
-def make_relay(index: int, host: str, rng: random.Random, now_ms: int) -> SimRelay:
-
-    identity, control = new_ed25519(), new_x25519()
-    spread = rng.random()
-    head = NEAR if spread < 0.01 else NEAR[:2] if spread < 0.05 else ""
-    geohash = head + "".join(rng.choice(GEOHASH_CHARS) for _ in range(6 - len(head)))
-    port = PROBE_PORT_BASE + index
-    ann = Announcement(
-        wireguard_key=PublicKey(os.urandom(32)),
-        control_key=control.x25519_public(),
-        endpoints=((ipaddress.ip_address(host), 51820),),
-        probe_port=port,
-        mesh_address=mesh_address_of(identity.ed25519_public()).packed,
-        roles=ROLE_ENTRY | (ROLE_EXIT if rng.random() < 0.8 else 0),
-        geohash=geohash,
-        price_per_gib=rng.randrange(500_000, 3_000_000, 1000),
-        capacity=100,
-        load=rng.randrange(0, 100),
-        version="0.1.0",
-        issued_ms=now_ms,
-        expires_ms=now_ms + 3_600_000,
-    )
-    topic = announce_topic(node_id_of(identity.ed25519_public()))
-    return SimRelay(identity, control, topic, sign(ann, identity), port)
-
-
-class _Prober(asyncio.DatagramProtocol):
-    def __init__(self, control: Any) -> None:  # noqa: ANN401
-
-        self.responder = ProbeResponder(control)
-        self.transport: Any = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-
-        reply = self.responder.handle(data, str(addr[0]), now_ms())
-        if reply is not None:
-            self.transport.sendto(reply, addr)
-
-
-async def publish_all(broker: tuple[str, int], relays: list[SimRelay]) -> float:
-    """Publish every announcement retained (QoS 1); seconds until all are acknowledged."""
-
-    shares = [relays[i::PUBLISHERS] for i in range(PUBLISHERS)]
-
-    async def one(share: list[SimRelay], n: int) -> None:
-        client = aiomqtt.Client(
-            broker[0], broker[1], identifier=f"sim-{os.getpid()}-{n}", max_inflight_messages=WINDOW
-        )
-        client.pending_calls_threshold = WINDOW + 1  # we keep WINDOW in flight on purpose
-        async with client:
-            window = asyncio.Semaphore(WINDOW)
-
-            async def pub(r: SimRelay) -> None:
-                async with window:
-                    await client.publish(r.topic, r.wire, qos=1, retain=True, timeout=60)
-
-            await asyncio.gather(*(pub(r) for r in share))
-
-    start = time.perf_counter()
-    await asyncio.gather(*(one(s, n) for n, s in enumerate(shares) if s))
-    return time.perf_counter() - start
-
-
 async def simulate(args: argparse.Namespace) -> None:
     """Commands on stdin (``grow N``, ``quit``); one JSON line on stdout per command."""
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     rng = random.Random(args.seed)  # noqa: S311 - a reproducible population
+    population = crowd.Population(args.host, near=NEAR)
+    broker = BrokerAddress.parse(args.broker)
     loop = asyncio.get_running_loop()
-    relays: list[SimRelay] = []
+    relays: list[crowd.SimRelay] = []
     transports: list[asyncio.BaseTransport] = []
-    broker = (args.broker.rpartition(":")[0], int(args.broker.rpartition(":")[2]))
     try:
         while True:
             line = (await loop.run_in_executor(None, sys.stdin.readline)).split()
             if not line or line[0] == "quit":
                 return
-            target = int(line[1])
             t0 = time.perf_counter()
-            new = [make_relay(i, args.host, rng, now_ms()) for i in range(len(relays), target)]
+            new = crowd.make_relays(population, len(relays), int(line[1]) - len(relays), rng)
+            certs = crowd.certificates(new, args.ca_dir)
             made_s = time.perf_counter() - t0
-            for r in new:
-                transport, _ = await loop.create_datagram_endpoint(
-                    lambda r=r: _Prober(r.control), local_addr=(args.host, r.probe_port)
-                )
-                transports.append(transport)
-            publish_s = await publish_all(broker, new)
+            transports += await crowd.answer_probes(new, args.host)
+            publish_s = await crowd.announce(new, certs, broker, args.ca_dir)
             relays += new
             out = {"relays": len(relays), "published": len(new), "made_s": round(made_s, 3)}
             out |= {"publish_s": round(publish_s, 3), "per_s": round(len(new) / publish_s)}
@@ -225,27 +131,25 @@ async def discover(args: argparse.Namespace) -> dict[str, Any]:
             marks["picked"] = time.perf_counter()
             raise _Picked(entry)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        init_identity(Path(tmp))
-        opts = ClientOptions(
-            state_dir=Path(tmp),
-            ifname="unused0",
-            broker=BrokerAddress.parse(args.broker),
-            near=NEAR,
-            lockdown=False,
-        )
-        agent = TimedClient(opts)
-        rss0, cpu0 = rss_bytes(), time.process_time()
-        marks["start"] = time.perf_counter()
-        picked = None
-        try:
-            await agent._run_built()  # noqa: SLF001 - the agent's own flow, without the lock
-        except* _Picked as group:
-            exc = group.exceptions[0]
-            assert isinstance(exc, _Picked)
-            picked = exc.entry
-        cpu = time.process_time() - cpu0
-        rss = rss_bytes()
+    opts = ClientOptions(
+        state_dir=args.state_dir,
+        ifname="unused0",
+        broker=BrokerAddress.parse(args.broker),
+        near=NEAR,
+        lockdown=False,
+    )
+    agent = TimedClient(opts)
+    rss0, cpu0 = rss_bytes(), time.process_time()
+    marks["start"] = time.perf_counter()
+    picked = None
+    try:
+        await agent._run_built()  # noqa: SLF001 - the agent's own flow, without the lock
+    except* _Picked as group:
+        exc = group.exceptions[0]
+        assert isinstance(exc, _Picked)
+        picked = exc.entry
+    cpu = time.process_time() - cpu0
+    rss = rss_bytes()
     if picked is None:
         raise SystemExit("discovery ended without picking a relay")
     return {
@@ -265,12 +169,15 @@ async def discover(args: argparse.Namespace) -> dict[str, Any]:
 async def bare(args: argparse.Namespace) -> dict[str, Any]:
     """The same retained messages to a subscriber that does nothing with them."""
 
-    host, _, port = args.broker.rpartition(":")
-    sync = sync_topic(os.urandom(8))
+    broker = BrokerAddress.parse(args.broker)
+    identity = load_identity(args.state_dir)
+    tls = load_credentials(args.state_dir, identity).context(broker.host)
+    sync = sync_topic(identity.node_id, os.urandom(8))  # the ACL: our own sync topics only
     count = 0
     start = time.perf_counter()
     # An unbounded queue: this is the floor, it must not drop what it measures.
-    async with aiomqtt.Client(host, int(port), timeout=30) as client:
+    client = aiomqtt.Client(broker.host, broker.port, tls_context=tls, timeout=30)
+    async with client:
         connected = time.perf_counter()
         await client.subscribe(sync, qos=0)
         await client.subscribe(ANNOUNCE_PREFIX + "+", qos=0)
@@ -287,7 +194,9 @@ async def bare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_client(lab: Any, mode: str, broker: str, *extra: str) -> dict[str, Any]:  # noqa: ANN401
-    argv = [sys.executable, str(Path(__file__).resolve()), mode, "--broker", broker, *extra]
+    sd = str(enroll(lab, "scaleclient"))  # keys and a broker certificate, once
+    argv = [sys.executable, str(Path(__file__).resolve()), mode, "--broker", broker]
+    argv += ["--state-dir", sd, *extra]
     proc = lab.exec("client1", argv, check=False, timeout=120)
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
@@ -317,6 +226,7 @@ def measure(sizes: list[int], runs: int, profile: bool) -> dict[str, Any]:
         host = str(lab.plan.relay(1).wan_addr)
         argv = [sys.executable, str(Path(__file__).resolve()), "simulate"]
         argv += ["--broker", broker, "--host", host]
+        argv += ["--ca-dir", str(node_state_dir(lab, "broker"))]
         sim = subprocess.Popen(
             exec_argv(lab.netns("relay1"), argv),
             stdin=subprocess.PIPE,
@@ -387,19 +297,22 @@ def main() -> int:
     p = sub.add_parser("simulate")
     p.add_argument("--broker", required=True)
     p.add_argument("--host", required=True)
+    p.add_argument("--ca-dir", type=Path, required=True, help="the broker's, with its CA")
     p.add_argument("--seed", type=int, default=9)
     for mode in ("discover", "bare"):
         p = sub.add_parser(mode)
         p.add_argument("--broker", required=True)
+        p.add_argument("--state-dir", type=Path, required=True, help="an enrolled node's")
         p.add_argument("--profile", type=Path, help="cProfile the run into this file")
     parser.add_argument("--sizes", default="1000,10000")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="one run of each size")
+    parser.add_argument("--quick", action="store_true", help="1,000 relays, one run")
     parser.add_argument("--profile", action="store_true", help="add one profiled discovery")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.mode == "simulate":
-        asyncio.run(simulate(args))
+        with crowd.more_files():
+            asyncio.run(simulate(args))
         return 0
     if args.mode in ("discover", "bare"):
         job = discover(args) if args.mode == "discover" else bare(args)
@@ -411,7 +324,7 @@ def main() -> int:
             prof.dump_stats(args.profile)
         print(json.dumps(result))
         return 0
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [1000] if args.quick else [int(s) for s in args.sizes.split(",")]
     write_report(measure(sizes, 1 if args.quick else args.runs, args.profile), args.out)
     return 0
 

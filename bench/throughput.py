@@ -60,6 +60,7 @@ from meshvpn.lab import Lab
 from meshvpn.lab.netns import exec_argv
 from meshvpn.lab.nodes import (
     broker_address,
+    enroll,
     meshvpn_argv,
     node_ifname,
     node_state_dir,
@@ -151,7 +152,10 @@ class MeshvpnArm:
     def up(self) -> None:
 
         self.rounds += 1
-        self.meshvpn("init")
+        if self.metered:
+            enroll(self.lab, self.state_dir().name)  # keys and a certificate for the broker
+        else:
+            self.meshvpn("init")
         how = ["--broker", broker_address(self.lab)]
         if not self.metered:
             key = json.loads(self.meshvpn("id", "--json"))["wireguard_public_key"]
