@@ -79,7 +79,8 @@ def timed_connect(lab: Lab, *extra: str) -> float:
     script = (
         "import subprocess, sys, time, urllib.request\n"
         "t0 = time.monotonic()\n"
-        f"subprocess.run({meshvpn_argv(*argv)!r}, check=True, capture_output=True)\n"
+        f"p = subprocess.run({meshvpn_argv(*argv)!r}, capture_output=True, text=True)\n"
+        "if p.returncode: sys.exit('connect failed: ' + p.stderr.strip())\n"
         f"urllib.request.urlopen('http://{lab.plan.internet.web_addr}/ip', timeout=10).read(1)\n"
         "print(time.monotonic() - t0)\n"
     )
