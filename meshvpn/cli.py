@@ -347,7 +347,9 @@ def cmd_connect(args: argparse.Namespace) -> int:
         from meshvpn.mqtt import load_credentials  # noqa: PLC0415
 
         load_credentials(opts.state_dir, identity)
-    return _run_detached(opts, opts.handshake_timeout + 15)
+    # multi-hop: two handshakes (the entry, then the exit through it)
+    waits = 2 if opts.multihop else 1
+    return _run_detached(opts, waits * opts.handshake_timeout + 15)
 
 
 def _run_detached(opts: Any, timeout: float) -> int:  # noqa: ANN401 - ClientOptions

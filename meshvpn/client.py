@@ -318,14 +318,8 @@ class ClientAgent(Agent):
         if opts.multihop:
             assert self.chosen.node_id is not None  # noqa: S101 - from the directory
             self.exit = await self._find_exit(exclude=frozenset({self.chosen.node_id}))
-            # Spares, granted now, so that a failover needs no broker.
-            in_use = frozenset({self.chosen.node_id, self.exit.node_id or ""})
-            with contextlib.suppress(RemoteError):
-                self.standby_entry = await self._find_relay(
-                    exclude=in_use, probe=False, announce=False
-                )
-            with contextlib.suppress(RemoteError):
-                self.standby_exit = await self._find_exit(exclude=in_use)
+            # The spares (standby entry and exit) are granted once the tunnel is up,
+            # off the connect path: see _find_standbys.
         if opts.lockdown:
             # The chosen relays' WireGuard may leave now; probing is over.
             await set_allowed(dataclasses.replace(allowed, relays=self._relay_endpoints()))
@@ -703,7 +697,7 @@ class ClientAgent(Agent):
                 self, "entry", chosen, self.access, self.opts.access_ifname
             )
             self.duties["exit"] = _Duty(self, "exit", self.exit, self.device, self.opts.ifname)
-            jobs.append(self._watch_path())
+            jobs += [self._watch_path(), self._keep_standbys()]
         for duty in self.duties.values():
             jobs += [duty.serve(), duty.save_loop()]
         jobs.append(self._renew())
@@ -829,6 +823,15 @@ class ClientAgent(Agent):
             self.link.reconnect()  # its socket was bound to the old tunnel address
         self.spawn(self._find_standbys())
         return True
+
+    async def _keep_standbys(self) -> None:
+        """Keep a granted spare entry (and exit, unless the user pinned one) at hand."""
+        while True:
+            if self.standby_entry is None or (
+                self.standby_exit is None and not self.opts.exit_node
+            ):
+                await self._find_standbys()
+            await asyncio.sleep(2.0 if self.standby_entry is None else 10.0)
 
     async def _find_standbys(self) -> None:
         """A granted spare entry and exit, so a failover needs no broker."""

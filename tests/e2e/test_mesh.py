@@ -197,9 +197,12 @@ def test_entry_relay_dies_client_moves_to_its_standby(
 ) -> None:
     lab, started = _ring(make_lab)
     ids = {i: s["node_id"] for i, s in started.items()}
-    path = _connect(lab, ids, entry=1, exit_=4)
-    standby = path["standby_entry"]
-    assert standby is not None and standby not in (ids[1], ids[4])
+    _connect(lab, ids, entry=1, exit_=4)
+    deadline = time.monotonic() + 30  # the spare is granted once the tunnel is up
+    while (standby := _status(lab, "client1")["path"]["standby_entry"]) is None:
+        assert time.monotonic() < deadline, "no standby entry was granted"
+        time.sleep(0.5)
+    assert standby not in (ids[1], ids[4])
     download = Download(lab, "client1", DOWNLOAD_BYTES)
     try:
         time.sleep(1.0)
