@@ -117,6 +117,31 @@ def _report_ready(fd: int | None, payload: dict[str, Any]) -> None:
         notify_systemd("READY=1")
 
 
+async def open_recorded(
+    footprint: Footprint,
+    ifname: str,
+    backend: BackendName,
+    log_path: Path,
+    *,
+    count_spoofed: bool = False,
+) -> WireGuardDevice:
+    """A device for ``ifname``, listed in the footprint before it exists; fails
+    before anything is on the host if wireguard-go is missing. The caller keeps
+    it (so teardown can destroy it) and then calls ``create_recorded``."""
+    device = await open_device(ifname, backend, log_path, count_spoofed=count_spoofed)
+    if isinstance(device, UserspaceDevice):
+        device.resolve_binary()
+    footprint.will_create_link(ifname)
+    return device
+
+
+async def create_recorded(footprint: Footprint, device: WireGuardDevice) -> None:
+    """Create the device; a wireguard-go child goes into the footprint too."""
+    await device.create()
+    if (pid := device.child_pid()) is not None:
+        footprint.started_pid(pid)
+
+
 def ipv6_enabled() -> bool:
     try:
         return Path("/proc/sys/net/ipv6/conf/all/disable_ipv6").read_text().strip() == "0"
@@ -258,19 +283,15 @@ class Agent:
         await self.prepare()
         if self.stop_requested.is_set():
             return
-        device = await open_device(
+        device = await open_recorded(
+            self.footprint,
             self.opts.ifname,
             self.opts.backend,
             self.opts.state_dir / "wireguard-go.log",
             count_spoofed=self.count_spoofed,
         )
-        if isinstance(device, UserspaceDevice):
-            device.resolve_binary()  # fail before anything exists on the host
-        self.footprint.will_create_link(self.opts.ifname)
         self.device = device
-        await device.create()
-        if (pid := device.child_pid()) is not None:
-            self.footprint.started_pid(pid)
+        await create_recorded(self.footprint, device)
         await self.build()
         await self.control.start()
         if self.stop_requested.is_set():

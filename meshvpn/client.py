@@ -44,7 +44,15 @@ from accounting.exchange import (
     Terms,
 )
 from accounting.receipts import verify_receipt
-from meshvpn.agent import CLIENT_KEEPALIVE, TUNNEL_MTU, Agent, CommonOptions, ipv6_enabled
+from meshvpn.agent import (
+    CLIENT_KEEPALIVE,
+    TUNNEL_MTU,
+    Agent,
+    CommonOptions,
+    create_recorded,
+    ipv6_enabled,
+    open_recorded,
+)
 from meshvpn.clock import now_ms
 from meshvpn.directory import (
     ANNOUNCE_PREFIX,
@@ -81,7 +89,7 @@ from meshvpn.netconf import Netlink
 from meshvpn.probe import ProbeSent, check_reply, make_request, reply_nonce
 from meshvpn.rates import Throughput
 from meshvpn.tunnel import DEFAULT_FWMARK, full_tunnel
-from meshvpn.wireguard.backend import UserspaceDevice, WireGuardDevice, open_device
+from meshvpn.wireguard.backend import WireGuardDevice
 from meshvpn.wireguard.model import Endpoint, PeerSpec
 
 log = logging.getLogger("meshvpn.client")
@@ -242,6 +250,7 @@ class ClientAgent(Agent):
         self.access: WireGuardDevice | None = None
         self._access_addresses: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
         self.path_events: list[str] = []
+        self._standby_wanted = asyncio.Event()  # a failover used a spare: get another
         self._pending: dict[str, asyncio.Future[bytes]] = {}
         self._rejections_logged: set[str] = set()
         self.rtts: dict[str, float] = {}
@@ -571,9 +580,6 @@ class ClientAgent(Agent):
         assert self.chosen is not None  # noqa: S101 - prepare() chose
         opts = self.opts
         ipv6 = ipv6_enabled()
-        allowed = [ipaddress.ip_network("0.0.0.0/0")]
-        if ipv6:
-            allowed.append(ipaddress.ip_network("::/0"))
         if self.exit is not None:
             await self._build_access()
             tunnel_to, mtu = self.exit, INNER_MTU
@@ -585,10 +591,7 @@ class ClientAgent(Agent):
             await nl.link_up(opts.ifname, mtu)
         # With the link up, a keepalive makes WireGuard handshake at once.
         keepalive = PATH_KEEPALIVE if self.exit is not None else CLIENT_KEEPALIVE
-        relay_peer = PeerSpec(
-            tunnel_to.wireguard_key, tuple(allowed), tunnel_to.endpoint, keepalive
-        )
-        await self.device.reconcile({tunnel_to.wireguard_key: relay_peer})
+        await self.device.reconcile(_full_tunnel_peer(tunnel_to, keepalive))
         await self._await_handshake(self.device, tunnel_to)
         plan = full_tunnel(opts.ifname, opts.fwmark, ipv6=ipv6)
         self.footprint.will_set_sysctl("net.ipv4.conf.all.src_valid_mark")
@@ -625,14 +628,10 @@ class ClientAgent(Agent):
         name = opts.access_ifname
         if len(name) > 15:
             raise LocalError(f"interface name {name!r} is too long", "use a shorter --interface")
-        device = await open_device(name, opts.backend, opts.state_dir / "wireguard-go-access.log")
-        if isinstance(device, UserspaceDevice):
-            device.resolve_binary()
-        self.footprint.will_create_link(name)
+        log_path = opts.state_dir / "wireguard-go-access.log"
+        device = await open_recorded(self.footprint, name, opts.backend, log_path)
         self.access = device
-        await device.create()
-        if (pid := device.child_pid()) is not None:
-            self.footprint.started_pid(pid)
+        await create_recorded(self.footprint, device)
         await device.set_interface(self.identity.wireguard_key, 0, opts.fwmark)
         async with Netlink() as nl:
             await nl.link_up(name, TUNNEL_MTU)
@@ -781,7 +780,7 @@ class ClientAgent(Agent):
         self.duties["entry"].switch(new)
         if self.opts.lockdown:
             await set_allowed(Allowed(relays=self._relay_endpoints()))
-        self.spawn(self._find_standbys())
+        self._standby_wanted.set()
         return True
 
     async def _roam_now(self) -> None:
@@ -791,13 +790,8 @@ class ClientAgent(Agent):
         keepalive when a persistent keepalive is switched on."""
         assert self.device is not None  # noqa: S101
         assert self.exit is not None  # noqa: S101
-        ipv6 = ipv6_enabled()
-        allowed = [ipaddress.ip_network("0.0.0.0/0")]
-        if ipv6:
-            allowed.append(ipaddress.ip_network("::/0"))
-        key, endpoint = self.exit.wireguard_key, self.exit.endpoint
         for keepalive in (0, PATH_KEEPALIVE):
-            await self.device.reconcile({key: PeerSpec(key, tuple(allowed), endpoint, keepalive)})
+            await self.device.reconcile(_full_tunnel_peer(self.exit, keepalive))
 
     async def _switch_exit(self) -> bool:
         old, new = self.exit, self.standby_exit
@@ -808,12 +802,7 @@ class ClientAgent(Agent):
             return False
         self.standby_exit = None
         self._path_event(f"exit {old.node_id} is silent: switching to {new.node_id}")
-        ipv6 = ipv6_enabled()
-        allowed = [ipaddress.ip_network("0.0.0.0/0")]
-        if ipv6:
-            allowed.append(ipaddress.ip_network("::/0"))
-        peer = PeerSpec(new.wireguard_key, tuple(allowed), new.endpoint, PATH_KEEPALIVE)
-        await self.device.reconcile({new.wireguard_key: peer})
+        await self.device.reconcile(_full_tunnel_peer(new, PATH_KEEPALIVE))
         async with Netlink() as nl:
             await nl.address_delete(self.opts.ifname, old.address)
             await nl.address_add(self.opts.ifname, new.address)
@@ -821,7 +810,7 @@ class ClientAgent(Agent):
         self.duties["exit"].switch(new)
         if self.link is not None:
             self.link.reconnect()  # its socket was bound to the old tunnel address
-        self.spawn(self._find_standbys())
+        self._standby_wanted.set()
         return True
 
     async def _keep_standbys(self) -> None:
@@ -831,7 +820,11 @@ class ClientAgent(Agent):
                 self.standby_exit is None and not self.opts.exit_node
             ):
                 await self._find_standbys()
-            await asyncio.sleep(2.0 if self.standby_entry is None else 10.0)
+            self._standby_wanted.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._standby_wanted.wait(), 2.0 if self.standby_entry is None else 10.0
+                )
 
     async def _find_standbys(self) -> None:
         """A granted spare entry and exit, so a failover needs no broker."""
@@ -1085,6 +1078,20 @@ class _Duty:
             "acked_seq": self.session.acked_seq,
             "statements_refused": self.session.refused,
         }
+
+
+def _full_tunnel_peer(relay: Chosen, keepalive: int) -> dict[PublicKey, PeerSpec]:
+    """The one peer of the tunnel interface: everything routes to it."""
+    allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+        ipaddress.IPv4Network("0.0.0.0/0")
+    ]
+    if ipv6_enabled():
+        allowed.append(ipaddress.IPv6Network("::/0"))
+    return {
+        relay.wireguard_key: PeerSpec(
+            relay.wireguard_key, tuple(allowed), relay.endpoint, keepalive
+        )
+    }
 
 
 def _mesh_of(relay: Chosen) -> ipaddress.IPv6Address:

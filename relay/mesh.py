@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from meshvpn.agent import create_recorded, open_recorded
 from meshvpn.clock import now_ms
 from meshvpn.directory import Directory, Entry, reply_topic, session_topic
 from meshvpn.errors import LocalError
@@ -69,8 +70,8 @@ from meshvpn.messages import (
 )
 from meshvpn.mqtt import ControlLink
 from meshvpn.netconf import Netlink, RuleSpec
-from meshvpn.routing import NeighbourLost, Router, RoutesChanged, Send
-from meshvpn.wireguard.backend import BackendName, UserspaceDevice, WireGuardDevice, open_device
+from meshvpn.routing import Neighbour, NeighbourLost, Router, RoutesChanged, Send
+from meshvpn.wireguard.backend import BackendName, WireGuardDevice
 from meshvpn.wireguard.model import Endpoint, PeerSpec
 
 log = logging.getLogger("meshvpn.mesh")
@@ -368,14 +369,10 @@ class Mesh:
         )
         self.links[node_id] = link
         self.by_ifname[name] = link
-        device = await open_device(name, self.backend, self.state_dir / f"wireguard-go-{name}.log")
-        if isinstance(device, UserspaceDevice):
-            device.resolve_binary()
-        self.footprint.will_create_link(name)
+        log_path = self.state_dir / f"wireguard-go-{name}.log"
+        device = await open_recorded(self.footprint, name, self.backend, log_path)
         link.device = device
-        await device.create()
-        if (pid := device.child_pid()) is not None:
-            self.footprint.started_pid(pid)
+        await create_recorded(self.footprint, device)
         await device.set_interface(self.identity.wireguard_key, link.port, 0)
         async with Netlink() as nl:
             await nl.address_add(name, ipaddress.IPv6Interface(f"{self.address}/128"))
@@ -598,13 +595,12 @@ class Mesh:
         }
 
 
-def _neighbour_status(neighbour: Any) -> dict[str, Any]:  # noqa: ANN401 - routing.Neighbour
+def _neighbour_status(neighbour: Neighbour | None) -> dict[str, Any]:
     if neighbour is None:
         return {"state": None, "rtt_ms": None, "cost": None}
-    state = getattr(neighbour, "state", None)
     rtt = neighbour.rtt_ms
     return {
-        "state": getattr(state, "value", state),
+        "state": neighbour.state.value,
         "rtt_ms": None if rtt is None else round(rtt, 2),
         "cost": neighbour.cost,
     }

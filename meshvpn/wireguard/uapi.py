@@ -30,6 +30,7 @@ from meshvpn.wireguard.model import (
 
 SOCKET_DIR: Final = Path("/var/run/wireguard")
 MAX_RESPONSE: Final = 16 * 1024 * 1024
+CALL_TIMEOUT_S: Final = 10.0  # wireguard-go answers in milliseconds; silence means it is stuck
 
 
 class UapiError(LocalError):
@@ -168,6 +169,12 @@ class UapiSocket:
         self.path = socket_dir / f"{ifname}.sock"
 
     async def _call(self, request: bytes) -> str:
+        try:
+            return await asyncio.wait_for(self._exchange(request), CALL_TIMEOUT_S)
+        except TimeoutError:
+            raise UapiError(f"{self.path}: no answer within {CALL_TIMEOUT_S:g} s") from None
+
+    async def _exchange(self, request: bytes) -> str:
         reader, writer = await asyncio.open_unix_connection(str(self.path), limit=MAX_RESPONSE)
         try:
             writer.write(request)

@@ -78,6 +78,22 @@ def _kill(lab: Lab, index: int) -> None:
     os.kill(pid, signal.SIGKILL)  # the lab started it: ours to kill
 
 
+def _download_while_killing(lab: Lab, index: int) -> dict[str, Any]:
+    """A 50 MB download from client1; relay ``index`` dies a second into it.
+    Asserts the download completed; returns its result (with the longest stall)."""
+    download = Download(lab, "client1", DOWNLOAD_BYTES)
+    try:
+        time.sleep(1.0)
+        _kill(lab, index)
+        result = download.result()
+    finally:
+        download.stop()
+    print(f"\nrelay{index} killed: longest stall {result['max_gap_s']:.2f} s")
+    assert result["error"] == ""
+    assert result["bytes"] == DOWNLOAD_BYTES
+    return result
+
+
 def test_ring_converges_to_shortest_paths(make_lab: Callable[..., Lab]) -> None:
     lab, started = _ring(make_lab)
     ids = {i: s["node_id"] for i, s in started.items()}
@@ -178,17 +194,8 @@ def test_transit_relay_dies_during_a_download(
     _connect(lab, ids, entry=1, exit_=4)
     transit = _next_hop(lab, ids, 1, 4)
     assert transit in {2, 6}
-    download = Download(lab, "client1", DOWNLOAD_BYTES)
-    try:
-        time.sleep(1.0)
-        _kill(lab, transit)
-        result = download.result()
-    finally:
-        download.stop()
+    result = _download_while_killing(lab, transit)
     record_property("transit_failover_gap_s", round(result["max_gap_s"], 2))
-    print(f"\ntransit relay{transit} killed: longest stall {result['max_gap_s']:.2f} s")
-    assert result["error"] == ""
-    assert result["bytes"] == DOWNLOAD_BYTES
     assert _next_hop(lab, ids, 1, 4) == ({2, 6} - {transit}).pop(), "not routed around"
 
 
@@ -203,17 +210,8 @@ def test_entry_relay_dies_client_moves_to_its_standby(
         assert time.monotonic() < deadline, "no standby entry was granted"
         time.sleep(0.5)
     assert standby not in (ids[1], ids[4])
-    download = Download(lab, "client1", DOWNLOAD_BYTES)
-    try:
-        time.sleep(1.0)
-        _kill(lab, 1)
-        result = download.result()
-    finally:
-        download.stop()
+    result = _download_while_killing(lab, 1)
     record_property("entry_failover_gap_s", round(result["max_gap_s"], 2))
-    print(f"\nentry relay1 killed: longest stall {result['max_gap_s']:.2f} s")
-    assert result["error"] == ""
-    assert result["bytes"] == DOWNLOAD_BYTES
     after = _status(lab, "client1")["path"]
     assert after["entry"] == standby
     assert after["exit"] == ids[4], "the session with the exit must survive"

@@ -118,9 +118,8 @@ def _mesh_rules() -> MeshRules:
     )
 
 
-def test_mesh_rules_drop_unknown_sources_and_carry_only_udp_for_clients() -> None:
-    rules = _mesh_rules()
-    text = exit_ruleset(
+def _mesh_table(rules: MeshRules) -> str:
+    return exit_ruleset(
         "mv0",
         ipaddress.IPv4Network("100.64.0.0/24"),
         ExitPolicy(),
@@ -128,6 +127,11 @@ def test_mesh_rules_drop_unknown_sources_and_carry_only_udp_for_clients() -> Non
         router_addresses=(),
         mesh=rules,
     )
+
+
+def test_mesh_rules_drop_unknown_sources_and_carry_only_udp_for_clients() -> None:
+    rules = _mesh_rules()
+    text = _mesh_table(rules)
     assert 'iifname "mv0m*" ip6 saddr != @mesh_sources counter name mesh_spoofed drop' in text
     forward = text[text.index("chain forward") :]
     # the mesh rules come before the client rules that drop all IPv6
@@ -139,14 +143,7 @@ def test_mesh_rules_drop_unknown_sources_and_carry_only_udp_for_clients() -> Non
 @needs_nft
 def test_nft_accepts_the_mesh_ruleset_and_its_source_updates() -> None:
     rules = _mesh_rules()
-    table = exit_ruleset(
-        "mv0",
-        ipaddress.IPv4Network("100.64.0.0/24"),
-        ExitPolicy(),
-        lan_networks=(),
-        router_addresses=(),
-        mesh=rules,
-    )
+    table = _mesh_table(rules)
     nft_check(table)
     # the set update applies on top of the table, overlapping prefixes included
     nft_check(table + mesh_sources_update([*rules.sources, ipaddress.IPv6Network("fd00::/64")]))
