@@ -32,7 +32,7 @@ core and CPU seconds per GB of payload moved, idle (connected, no traffic)
 and while iperf3 runs at full rate; RSS (VmRSS) and its peak (VmHWM).
 
     python bench/throughput.py [--rounds N] [--seconds S] [--quick]
-    python bench/throughput.py --profile     # also py-spy the agents while relaying
+    python bench/throughput.py --profile     # one round more, profiled (perf, py-spy)
 
 Multi-hop goes in as two more arms (meshvpn over a 3-relay path, and a chain
 of plain tunnels): see ``Arm``.
@@ -477,7 +477,7 @@ def py_spy(pids: dict[str, int], seconds: float, out_dir: Path) -> dict[str, Pat
     outs = {}
     for name, pid in pids.items():
         out = out_dir / f"{name}.txt"
-        argv = [binary, "record", "-p", str(pid), "-d", f"{seconds:g}", "-r", "200"]
+        argv = [binary, "record", "-p", str(pid), "-d", f"{seconds:g}", "-r", "100"]
         argv += ["-f", "raw", "-o", str(out), "--nonblocking"]
         subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         outs[name] = out
@@ -505,7 +505,7 @@ def top_frames(path: Path, lines: int = 8) -> list[str]:
         frames[key] = frames.get(key, 0) + int(count)
     top = sorted(frames.items(), key=lambda kv: kv[1], reverse=True)[:lines]
     busy = total - waiting
-    head = [f"{total} samples at 200 Hz, {busy} not waiting in select()"]
+    head = [f"{total} samples at 100 Hz, {busy} not waiting in select()"]
     return head + [f"{100 * n / max(1, busy):5.1f} % of those  {frame}" for frame, n in top]
 
 
@@ -580,6 +580,33 @@ def schedule(arms: list[Arm], r: int, *, single: bool) -> list[tuple[str, Arm, b
     ]
 
 
+def profile_round(
+    lab: Any,  # noqa: ANN401
+    arms: list[Arm],
+    seconds: float,
+    server: IperfServer,
+    tally: Tally,
+) -> None:
+    """One round more, before the measured ones and not counted in them (profilers
+    cost CPU, and py-spy only runs on the meshvpn arms): TCP and UDP up per arm
+    under perf(1), the agents under py-spy during TCP up."""
+    scratch = Tally()
+    for test in ("tcp_up", "udp_up"):
+        for arm in arms:
+            (lab.state_dir / arm.name).mkdir(exist_ok=True)
+            arm.up()
+            try:
+                data = lab.state_dir / f"{arm.name}-{test}.perf"
+                perf = perf_record(seconds, data)
+                if not run_test(lab, arm, test, seconds, test == "tcp_up", scratch):
+                    server.restart()
+                if perf is not None and perf.wait() == 0:
+                    tally.profiles[f"{arm.name}.dataplane_{test}"] = perf_summary(data)
+            finally:
+                arm.down()
+    tally.profiles |= scratch.profiles
+
+
 def measure(rounds: int, seconds: float, idle_s: float, profile: bool) -> dict[str, Any]:
 
     tally = Tally()
@@ -595,6 +622,8 @@ def measure(rounds: int, seconds: float, idle_s: float, profile: bool) -> dict[s
         metered = MeshvpnArm(lab, int(relay["pid"]), metered=True, name="metered")
         arms: list[Arm] = [hand, plain, metered]
         try:
+            if profile:
+                profile_round(lab, arms, seconds, server, tally)
             for r in range(rounds):
                 for test, arm, first in schedule(arms, r, single=rounds == 1):
                     (lab.state_dir / arm.name).mkdir(exist_ok=True)
@@ -603,16 +632,11 @@ def measure(rounds: int, seconds: float, idle_s: float, profile: bool) -> dict[s
                         if arm.agents() and test == TESTS[0]:
                             sample_idle(arm, arm.agents(), idle_s, tally)
                     try:
-                        spy = profile and r == 0 and test == "tcp_up"
-                        data = lab.state_dir / f"{arm.name}.perf"
-                        perf = perf_record(seconds, data) if spy else None
-                        if not run_test(lab, arm, test, seconds, spy, tally):
+                        if not run_test(lab, arm, test, seconds, spy=False, tally=tally):
                             server.restart()  # it may still serve the dead run
                             if rounds == 1:
                                 arm.down()  # cut off: a new session for the next test
                                 arm.up()
-                        if perf is not None and perf.wait() == 0:
-                            tally.profiles[f"{arm.name}.dataplane"] = perf_summary(data)
                     finally:
                         if rounds > 1 or test == TESTS[-1]:
                             arm.down()
@@ -670,8 +694,8 @@ def report(tests: tuple[str, ...], tally: Tally) -> dict[str, Any]:
         out.setdefault(arm, {})[agent] = figures
     for name, lines in tally.profiles.items():
         arm, _, what = name.partition(".")
-        if what == "dataplane":
-            out.setdefault(arm, {})["profile_dataplane"] = lines
+        if what.startswith("dataplane"):
+            out.setdefault(arm, {})[f"profile_{what}"] = lines
     return out
 
 
