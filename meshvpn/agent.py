@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import fcntl
 import ipaddress
 import json
@@ -45,6 +46,21 @@ TUNNEL_MTU: Final = 1420
 DEFAULT_POOL: Final = ipaddress.IPv4Network("100.64.0.0/24")
 CLIENT_KEEPALIVE: Final = 25
 LOCK_NAME: Final = "agent.lock"
+
+
+def install_stack_dumps(loop: asyncio.AbstractEventLoop) -> None:
+    """Let a stuck agent say where it is, into its log (stderr): SIGUSR1 lists every
+    asyncio task's stack (needs a running loop), SIGQUIT every thread's (works even
+    when the loop itself is blocked)."""
+    faulthandler.register(signal.SIGQUIT, all_threads=True)
+
+    def dump_tasks() -> None:
+        tasks = asyncio.all_tasks(loop)
+        log.warning("SIGUSR1: %d asyncio tasks", len(tasks))
+        for task in tasks:
+            task.print_stack(limit=12)
+
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
 
 
 class StateLock:
@@ -222,6 +238,7 @@ class Agent:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop, f"signal {signal.Signals(sig).name}")
         loop.add_signal_handler(signal.SIGHUP, self.on_reload_signal)
+        install_stack_dumps(loop)
         try:
             await self._clean_leftovers()
             try:

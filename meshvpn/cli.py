@@ -384,7 +384,10 @@ def _run_detached(opts: Any, timeout: float) -> int:  # noqa: ANN401 - ClientOpt
     os.close(log_fd)
     answer = _read_ready(read_end, timeout)
     if answer is None:
+        _dump_stacks(pid)
         _stop_child(pid)
+        for line in _tail(log_path, 40):
+            print(f"agent.log: {line}", file=sys.stderr)
         raise LocalError(f"the agent did not report ready within {timeout:g} s", f"see {log_path}")
     if not answer.get("ok"):
         _stop_child(pid, signal_first=False)
@@ -417,6 +420,27 @@ def _read_ready(fd: int, timeout: float) -> dict[str, Any] | None:
     except ValueError:
         return None
     return answer if isinstance(answer, dict) else None
+
+
+def _dump_stacks(pid: int) -> None:
+    """Ask a stuck agent where it is stuck (meshvpn.agent.install_stack_dumps)."""
+    import signal  # noqa: PLC0415
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGQUIT)
+        time.sleep(0.3)
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            return fh.read().decode(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
 
 
 def _stop_child(pid: int, *, signal_first: bool = True) -> None:

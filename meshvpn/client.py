@@ -154,6 +154,9 @@ class Chosen:
     grant: SessionGrant | None = None
     entry: Entry | None = None
 
+    def __str__(self) -> str:
+        return f"{self.node_id} at {self.endpoint}" if self.node_id else str(self.endpoint)
+
     @property
     def mesh_address(self) -> ipaddress.IPv6Address | None:
         """Our address in the relay's mesh /64 (multi-hop access links)."""
@@ -324,9 +327,11 @@ class ClientAgent(Agent):
             )
             await set_allowed(dataclasses.replace(allowed, probes=probes))
         self.chosen = await self._find_relay()
+        log.info("%s %s granted a session", "entry" if opts.multihop else "relay", self.chosen)
         if opts.multihop:
             assert self.chosen.node_id is not None  # noqa: S101 - from the directory
             self.exit = await self._find_exit(exclude=frozenset({self.chosen.node_id}))
+            log.info("exit %s granted a session", self.exit)
             # The spares (standby entry and exit) are granted once the tunnel is up,
             # off the connect path: see _find_standbys.
         if opts.lockdown:
@@ -665,9 +670,12 @@ class ClientAgent(Agent):
     async def _await_handshake(self, device: WireGuardDevice, relay: Chosen) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.opts.handshake_timeout
+        started = loop.time()
         while loop.time() < deadline:
             peer = (await device.state()).peers.get(relay.wireguard_key)
             if peer is not None and peer.last_handshake:
+                waited_ms = (loop.time() - started) * 1000
+                log.info("%s: handshake with %s after %.0f ms", device.ifname, relay, waited_ms)
                 return
             await asyncio.sleep(0.02)
         hint = (

@@ -740,6 +740,9 @@ class RelayAgent(Agent):
         peers = []
         if self.device is not None:
             state = await self.device.state()
+            # "pending" below must not count a client that made its handshake since
+            # the last expiry check (every EXPIRY_CHECK_S)
+            self.book.confirm(self._handshakes(state))
             for key, peer in sorted(state.peers.items()):
                 session = self.book.sessions.get(key)
                 endpoint = peer.spec.endpoint

@@ -59,7 +59,13 @@ def meshvpn(lab: Lab, node: str, *args: str, check: bool = True, timeout: float 
     proc = lab.exec(node, argv, check=False, timeout=timeout)
     if check and proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise LocalError(f"{node}: meshvpn {args[0]} failed: {err[-1] if err else proc.returncode}")
+        # The last line is the error; the lines before it (a connect's agent.log tail)
+        # are what a failed CI run has to go on.
+        context = "\n".join(err[-80:-1])
+        raise LocalError(
+            f"{node}: meshvpn {args[0]} failed: {err[-1] if err else proc.returncode}"
+            + (f"\n{context}" if context else "")
+        )
     return proc.stdout.decode()
 
 
