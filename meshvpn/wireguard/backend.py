@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import ctypes
 import errno
 import os
 import shutil
-import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -43,16 +41,23 @@ from meshvpn.wireguard.uapi import SOCKET_DIR, UapiError, UapiSocket, encode_set
 BackendName = Literal["auto", "kernel", "userspace"]
 WIREGUARD_GO_ENV: Final = "MESHVPN_WIREGUARD_GO"
 START_TIMEOUT: Final = 5.0
-_PR_SET_PDEATHSIG: Final = 1
 SPOOFED_LINE: Final = b"packet with disallowed source address"
 LOG_WATCH_S: Final = 1.0
 LOG_LIMIT: Final = 4 << 20  # the verbose log is truncated past this
 LOG_READ_MAX: Final = 64 << 20  # per look: what the flood wrote beyond it is skipped, uncounted
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def die_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run so that the child gets SIGTERM when the agent dies, even by
+    SIGKILL (prctl PR_SET_PDEATHSIG, kept across exec), by util-linux's setpriv.
+
+    Not a ``preexec_fn``: that runs Python in the forked child of a process with
+    threads (asyncio.to_thread), where a lock another thread held at the fork
+    (malloc's, the dynamic loader's for ctypes) stays locked forever; Popen then
+    waits on the child's exec with the event loop blocked. That was the connect
+    that hung under load with nothing in its log."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
 
 
 class WireGuardDevice(abc.ABC):
@@ -159,14 +164,11 @@ class UserspaceDevice(WireGuardDevice):
         self._log_offset = log.tell()
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                binary,
-                "-f",
-                self.ifname,
+                *die_with_parent([binary, "-f", self.ifname]),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 env=env,
-                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()

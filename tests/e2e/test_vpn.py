@@ -148,6 +148,19 @@ def test_down_leaves_nodes_as_found(make_lab) -> None:
         assert snapshot(lab, node) == before, f"{node} not restored"
 
 
+def children(pid: int, name: str = "wireguard-go") -> list[int]:
+    """The pids of ``pid``'s children called ``name``."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, rest = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        if int(rest.split()[1]) == pid and comm.endswith(f"({name}"):
+            kids.append(int(stat.parent.name))
+    return kids
+
+
 def test_kill9_then_restart_removes_leftovers(make_lab) -> None:
     lab = make_lab(1, 1)
     clean = {n: snapshot(lab, n) for n in ("relay1", "client1")}
@@ -163,8 +176,11 @@ def test_kill9_then_restart_removes_leftovers(make_lab) -> None:
 
     # client: SIGKILL leaves its rules; status says so; down removes them
     client_pid = agent_pid(lab, "client1")
+    wireguard_go = children(client_pid)
+    assert len(wireguard_go) == 1, wireguard_go
     os.kill(client_pid, signal.SIGKILL)
     wait_gone(client_pid)
+    wait_gone(wireguard_go[0])  # told by the kernel that its parent died (PDEATHSIG)
     status = lab.exec(
         "client1",
         meshvpn_argv("status", "--json", "--state-dir", str(node_state_dir(lab, "client1"))),
