@@ -251,6 +251,11 @@ class Agent:
                 {"ok": False, "error": exc.one_line(), "exit_code": exc.exit_code},
             )
             raise
+        except Exception as exc:
+            # A bug: the traceback goes to the log; the waiting `connect` hears at once.
+            error = f"error: the agent failed: {exc!r}; see agent.log in {self.opts.state_dir}"
+            _report_ready(self.opts.ready_fd, {"ok": False, "error": error, "exit_code": 1})
+            raise
         finally:
             self.lock.release()
 

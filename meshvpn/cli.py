@@ -382,12 +382,17 @@ def _run_detached(opts: Any, timeout: float) -> int:  # noqa: ANN401 - ClientOpt
             os._exit(code)
     os.close(write_end)
     os.close(log_fd)
+    started = time.monotonic()
     answer = _read_ready(read_end, timeout)
     if answer is None:
+        waited = time.monotonic() - started
         _dump_stacks(pid)
         _stop_child(pid)
         for line in _tail(log_path, 40):
             print(f"agent.log: {line}", file=sys.stderr)
+        if waited < timeout:
+            raise LocalError(f"the agent exited before it was ready after {waited:.1f} s",
+                             f"see {log_path}")  # fmt: skip
         raise LocalError(f"the agent did not report ready within {timeout:g} s", f"see {log_path}")
     if not answer.get("ok"):
         _stop_child(pid, signal_first=False)

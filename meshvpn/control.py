@@ -25,7 +25,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,6 +41,22 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 log = logging.getLogger("meshvpn.control")
 
 
+@contextlib.contextmanager
+def reachable(path: Path) -> Iterator[str]:
+    """``path`` as an AF_UNIX address. sun_path holds 107 bytes, and a state dir
+    may well be deeper than that (a CI temp dir, a long --state-dir); then the
+    socket is reached through an open descriptor of its directory,
+    ``/proc/self/fd/N/control.sock``, which names the same directory entry."""
+    if len(os.fsencode(path)) <= MAX_UNIX_PATH:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)  # no directory: FileNotFoundError
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
 class ControlServer:
     def __init__(self, state_dir: Path, handlers: dict[str, Handler], group: str = GROUP) -> None:
         self.path = state_dir / SOCKET_NAME
@@ -50,9 +66,10 @@ class ControlServer:
 
     async def start(self) -> None:
         self.path.unlink(missing_ok=True)
-        self._server = await asyncio.start_unix_server(
-            self._serve, path=str(self.path), limit=MAX_REQUEST
-        )
+        with reachable(self.path) as address:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=address, limit=MAX_REQUEST
+            )
         self.path.chmod(0o660)
         share_with_group(self.path, self.group)
 
@@ -138,7 +155,8 @@ def call(state_dir: Path, op: str, timeout: float = 10.0, **params: Any) -> dict
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(str(path))
+        with reachable(path) as address:
+            sock.connect(address)
         sock.sendall(json.dumps({"op": op, **params}).encode() + b"\n")
         with sock.makefile("rb") as fh:
             line = fh.readline(16 * 1024 * 1024)
