@@ -34,6 +34,13 @@ stopped answering is cut within a second. Counters are read every
 ``READ_INTERVAL_S``, so a cut-off overshoots the allowance by at most one
 reading's worth of traffic.
 
+Multi-hop: the exit's statements may name the path (``Statement`` v2, set in
+``RelaySession.path`` by ``relay.paths``); the client signs only a path that
+ends at its exit and starts at its entry (``ClientSession.entry``), the exit
+accepts only the path it stated, and its countersignature is the first of
+several (``ReceiptCountersigned.partial``); the other relays on the path
+vouch for the bytes with ``backed`` against their own counts.
+
 Relay states (one table)::
 
     ACTIVE --receipt ok--> ACTIVE (receipted advances)
@@ -48,7 +55,14 @@ import struct
 from dataclasses import dataclass, field
 from typing import Final
 
-from accounting.receipts import Receipt, ReceiptBundle, sign_receipt, verify_receipt
+from accounting.receipts import (
+    MAX_PATH,
+    PartialBundle,
+    Receipt,
+    ReceiptBundle,
+    sign_receipt,
+    verify_receipt,
+)
 from meshvpn.identity import PrivateKey, PublicKey
 from meshvpn.messages import MessageError
 
@@ -79,6 +93,15 @@ def plausible(own: int) -> int:
 def least_acceptable(stated: int) -> int:
     """The least a relay accepts a client to sign for ``stated`` bytes (loss allowance)."""
     return max(0, stated * (100 - MAX_LOSS_PCT) // 100 - tolerance(stated))
+
+
+def backed(stated_up: int, stated_down: int, own: Counters) -> bool:
+    """May a relay on a path vouch for these receipted bytes, given what it counted
+    for the session's flow? Up to its count plus ``tolerance`` (packets in flight
+    past it). Its count is of IPv6 packets carrying the session's WireGuard
+    datagrams, 48 bytes a packet above what the exit's WireGuard counts, so an
+    honest receipt (the exit's count, less the client's loss) stays below it."""
+    return stated_up <= own.up + tolerance(own.up) and stated_down <= own.down + tolerance(own.down)
 
 
 @dataclass(frozen=True)
@@ -126,28 +149,53 @@ class Meter:
 _STATEMENT: Final = struct.Struct("!4s16sQQQQ")
 _ACK: Final = struct.Struct("!4s16sQ")
 STATEMENT_MAGIC: Final = b"MVS1"
+PATH_STATEMENT_MAGIC: Final = b"MVS2"
 ACK_MAGIC: Final = b"MVK1"
+KEY_SIZE: Final = 32
 
 
 @dataclass(frozen=True)
 class Statement:
+    """The relay's counts. Version 1 (``MVS1``) for a path of one relay, as
+    before; version 2 (``MVS2``) adds the path the receipt is to name, when a
+    multi-hop exit knows it: the v1 fields, then ``count:u8 | count x key:32``
+    (relay identity keys: entry, transit..., exit)."""
+
     session_id: bytes
     seq: int
     counters: Counters
     issued_ms: int
+    path: tuple[PublicKey, ...] = ()  # empty: the receipt names the session's own path
 
     def encode(self) -> bytes:
-        return _STATEMENT.pack(
-            STATEMENT_MAGIC,
+        magic = PATH_STATEMENT_MAGIC if self.path else STATEMENT_MAGIC
+        head = _STATEMENT.pack(
+            magic,
             self.session_id,
             self.seq,
             self.counters.up,
             self.counters.down,
             self.issued_ms,
         )
+        if not self.path:
+            return head
+        return head + bytes([len(self.path)]) + b"".join(k.raw for k in self.path)
 
     @classmethod
     def decode(cls, wire: bytes) -> Statement:
+        if wire.startswith(PATH_STATEMENT_MAGIC) and len(wire) > _STATEMENT.size:
+            count = wire[_STATEMENT.size]
+            keys = wire[_STATEMENT.size + 1 :]
+            if not 1 < count <= MAX_PATH or len(keys) != count * KEY_SIZE:
+                raise MessageError("malformed", "statement path")
+            try:
+                path = tuple(
+                    PublicKey(keys[i * KEY_SIZE : (i + 1) * KEY_SIZE]) for i in range(count)
+                )
+            except ValueError:
+                raise MessageError("malformed", "statement path key") from None
+            _, session_id, seq, up, down, issued = _STATEMENT.unpack_from(wire)
+            return cls(session_id, seq, Counters(up, down), issued, path)
         if len(wire) != _STATEMENT.size or not wire.startswith(STATEMENT_MAGIC):
             raise MessageError("malformed", "not a statement")
         _, session_id, seq, up, down, issued = _STATEMENT.unpack(wire)
@@ -200,8 +248,13 @@ class SendStatement:
 
 @dataclass(frozen=True)
 class ReceiptCountersigned:
-    bundle: ReceiptBundle
+    partial: PartialBundle  # complete on a one-relay path; else the others still sign
     ack: Ack
+
+    @property
+    def bundle(self) -> ReceiptBundle:
+        """The finished bundle (one-relay paths: at once)."""
+        return self.partial.bundle()
 
 
 @dataclass(frozen=True)
@@ -234,6 +287,9 @@ class RelaySession:
     stated_ms: int = 0
     recent: dict[int, Statement] = field(default_factory=dict)
     rejected: int = 0
+    # A multi-hop exit's path as last traced (entry, transit..., exit); statements
+    # name it once it has more than one relay (see relay.paths).
+    path: tuple[PublicKey, ...] = ()
 
     @property
     def counted(self) -> Counters:
@@ -277,7 +333,8 @@ class RelaySession:
     def _state(self, now_ms: int) -> Statement:
         self.seq += 1
         self.stated, self.stated_ms = self.counted, now_ms
-        statement = Statement(self.terms.session_id, self.seq, self.counted, now_ms)
+        path = self.path if len(self.path) > 1 else ()
+        statement = Statement(self.terms.session_id, self.seq, self.counted, now_ms, path)
         self.recent[self.seq] = statement
         for old in [s for s in self.recent if s <= self.seq - RECENT_STATEMENTS]:
             del self.recent[old]
@@ -295,7 +352,7 @@ class RelaySession:
         except MessageError as exc:
             return [self._reject(exc.reason)]
         t = self.terms
-        if (receipt.session_id, receipt.client, receipt.path) != (t.session_id, t.client, t.path):
+        if (receipt.session_id, receipt.client) != (t.session_id, t.client):
             return [self._reject("not this session")]
         if receipt.price_per_gib != t.price_per_gib:  # started_ms is the client's own note
             return [self._reject("terms differ from the grant")]
@@ -304,6 +361,8 @@ class RelaySession:
         stated = self.recent.get(receipt.seq)
         if stated is None:
             return [self._reject("no such statement")]
+        if receipt.path != (stated.path or t.path):
+            return [self._reject("not the stated path")]
         signed, claim = Counters(receipt.bytes_up, receipt.bytes_down), stated.counters
         if signed.up > claim.up or signed.down > claim.down:
             return [self._reject("over-signed")]
@@ -316,8 +375,8 @@ class RelaySession:
         self.receipted = receipt
         self.answered = claim
         self.last_receipt_ms = now_ms
-        bundle = ReceiptBundle(receipt, wire, ()).add_countersignature(relay_key)
-        return [ReceiptCountersigned(bundle, Ack(t.session_id, receipt.seq))]
+        partial = PartialBundle(receipt, wire, (None,) * len(receipt.path)).sign(relay_key)
+        return [ReceiptCountersigned(partial, Ack(t.session_id, receipt.seq))]
 
     def _reject(self, reason: str) -> ReceiptRejected:
         self.rejected += 1
@@ -349,6 +408,8 @@ class ClientSession:
     signed_wire: bytes = b""
     acked_seq: int = 0
     refused: int = 0
+    # Multi-hop: the entry a stated path must start at (it must end at our exit).
+    entry: PublicKey | None = None
 
     @property
     def counted(self) -> Counters:
@@ -362,6 +423,10 @@ class ClientSession:
     ) -> ClientAction:
         if statement.session_id != self.terms.session_id:
             return self._refuse("statement for another session")
+        path = statement.path or self.terms.path
+        why = self._wrong_path(statement.path)
+        if why is not None:
+            return self._refuse(why)
         own, claimed = self.counted, statement.counters
         if claimed.up > plausible(own.up) or claimed.down > plausible(own.down):
             return self._refuse(
@@ -382,7 +447,7 @@ class ClientSession:
         receipt = Receipt(
             session_id=self.terms.session_id,
             client=self.terms.client,
-            path=self.terms.path,
+            path=path,
             bytes_up=signable.up,
             bytes_down=signable.down,
             price_per_gib=self.terms.price_per_gib,
@@ -392,6 +457,18 @@ class ClientSession:
         )
         self.signed, self.signed_wire = receipt, sign_receipt(receipt, client_key)
         return SignReceipt(self.signed_wire, receipt)
+
+    def _wrong_path(self, path: tuple[PublicKey, ...]) -> str | None:
+        """Why a stated path is not ours to sign, or None (no path stated: fine)."""
+        if not path:
+            return None
+        if len(set(path)) != len(path):
+            return "the stated path names a relay twice, not signing"
+        if path[-1] != self.terms.path[-1]:
+            return f"the stated path ends at {path[-1].b64[:8]}…, not at our exit: not signing"
+        if self.entry is not None and path[0] != self.entry:
+            return f"the stated path starts at {path[0].b64[:8]}…, not at our entry: not signing"
+        return None
 
     def on_ack(self, ack: Ack) -> None:
         if ack.session_id == self.terms.session_id:

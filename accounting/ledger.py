@@ -25,9 +25,18 @@ to dictionaries (the reference model the tests check invariants on);
 
 Split of what a client pays, per receipt:
 - ``FEE_BPS`` (10 %) to the protocol fee account;
-- the rest to the relays on the path by weight: the exit 2 shares, every other
-  relay 1 share (exits carry the legal and bandwidth burden); the floor
-  remainders go to the exit.
+- the rest to the relays on the path by weight: the exit 2 shares, every
+  transit relay 1 share (exits carry the legal and bandwidth burden); the
+  floor remainders go to the exit. The *entry* of a multi-hop path (its first
+  relay) countersigns as a witness but takes no share: it is paid for the
+  same bytes by its own access-link session (``meshvpn.client``), and must
+  not bill them twice.
+
+A session's path may change (a transit relay died and routing went around
+it, the client moved to another entry): a receipt naming another path is
+booked like any newer receipt, its increase split over the *new* path (the
+held state is re-split over the new path before the difference is taken, so
+no relay is ever debited). Client and price may not change.
 
 Emission per epoch follows ``emission_schedule`` (halving every
 ``HALVING_EPOCHS``) plus whatever the previous epoch carried over. It is
@@ -48,6 +57,7 @@ earnings, the amount its Merkle leaf commits to.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 from collections import defaultdict
@@ -62,7 +72,8 @@ from meshvpn.messages import MessageError
 
 FEE_BPS: Final = 1_000
 EXIT_WEIGHT: Final = 2
-OTHER_WEIGHT: Final = 1
+OTHER_WEIGHT: Final = 1  # a transit relay
+ENTRY_WEIGHT: Final = 0  # a witness: paid by its own access-link session
 EMISSION_START: Final = 1_000_000_000  # token units per epoch, first halving period
 HALVING_EPOCHS: Final = 1_000
 MAX_UNITS: Final = 1 << 62
@@ -91,7 +102,7 @@ def split(amount: int, path: tuple[PublicKey, ...]) -> dict[PublicKey, int]:
     """Divide ``amount`` among the path by weight; remainders to the exit."""
     if len(path) == 1:  # the common single-hop case, and the hot path of booking
         return {path[0]: amount}
-    weights = [OTHER_WEIGHT] * (len(path) - 1) + [EXIT_WEIGHT]
+    weights = [ENTRY_WEIGHT] + [OTHER_WEIGHT] * (len(path) - 2) + [EXIT_WEIGHT]
     total = sum(weights)
     shares = {relay: amount * w // total for relay, w in zip(path, weights, strict=True)}
     shares[path[-1]] += amount - sum(shares.values())
@@ -193,14 +204,16 @@ def assess(
     if not known_client(r.client) or not all(relay_ok(k) for k in r.path):
         return _rejected("unknown client or relay", r.session_id)
     if held is not None:
-        if (held.client, held.path, held.price_per_gib) != (r.client, r.path, r.price_per_gib):
+        if (held.client, held.price_per_gib) != (r.client, r.price_per_gib):
             return _rejected("session terms changed", r.session_id)
         if r.total_bytes == held.total_bytes:
             return Booking(Outcome.DUPLICATE, session_id=r.session_id)
         if r.total_bytes < held.total_bytes:
             return Booking(Outcome.STALE, session_id=r.session_id)
     after = SessionState(r.client, r.path, r.price_per_gib, r.bytes_up, r.bytes_down, r.seq)
-    before = held or SessionState(r.client, r.path, r.price_per_gib, 0, 0, 0)
+    before = SessionState(r.client, r.path, r.price_per_gib, 0, 0, 0)
+    if held is not None:  # on the receipt's path: a path change moves no earlier credit
+        before = dataclasses.replace(held, path=r.path)
     paid, paid_before = after.relay_paid, before.relay_paid
     fees, fees_before = after.fee_shares, before.fee_shares
     new_bytes = after.total_bytes - before.total_bytes

@@ -186,3 +186,59 @@ class ReceiptBundle:
             except (InvalidSignature, ValueError):
                 raise MessageError("bad-countersignature") from None
         return cls(receipt, receipt_wire, signatures)
+
+
+@dataclass(frozen=True)
+class PartialBundle:
+    """A receipt whose countersignatures are being collected, in any order.
+
+    A countersignature signs only the receipt's wire, so the relays of a
+    multi-hop path may answer in any order (the exit first, then whoever
+    answers); ``bundle`` assembles them in path order once all are in."""
+
+    receipt: Receipt
+    receipt_wire: bytes
+    signatures: tuple[bytes | None, ...]  # by path position; None: not yet
+
+    @classmethod
+    def start(cls, receipt_wire: bytes) -> PartialBundle:
+        receipt = verify_receipt(receipt_wire)
+        return cls(receipt, receipt_wire, (None,) * len(receipt.path))
+
+    @property
+    def complete(self) -> bool:
+        return all(s is not None for s in self.signatures)
+
+    @property
+    def missing(self) -> tuple[PublicKey, ...]:
+        """The relays whose countersignature is still wanted, in path order."""
+        return tuple(
+            k for k, s in zip(self.receipt.path, self.signatures, strict=True) if s is None
+        )
+
+    def sign(self, relay_key: PrivateKey) -> PartialBundle:
+        """This relay (anywhere on the path) countersigns."""
+        return self.with_signature(
+            relay_key.ed25519_public(), countersign(self.receipt_wire, relay_key)
+        )
+
+    def with_signature(self, relay: PublicKey, signature: bytes) -> PartialBundle:
+        """A countersignature from ``relay``, checked; raises MessageError if it is bad."""
+        if relay not in self.receipt.path:
+            raise MessageError("not-on-path", "countersigned by a relay off the path")
+        try:
+            relay.ed25519_verify(signature, COUNTERSIGN_LABEL + self.receipt_wire)
+        except (InvalidSignature, ValueError):
+            raise MessageError("bad-countersignature") from None
+        position = self.receipt.path.index(relay)
+        signatures = list(self.signatures)
+        signatures[position] = signature
+        return PartialBundle(self.receipt, self.receipt_wire, tuple(signatures))
+
+    def bundle(self) -> ReceiptBundle:
+        """The bundle in path order; only once every relay has countersigned."""
+        if not self.complete:
+            raise ValueError("countersignatures are missing")
+        return ReceiptBundle(
+            self.receipt, self.receipt_wire, tuple(s for s in self.signatures if s is not None)
+        )

@@ -496,7 +496,7 @@ class Store:
             "INSERT INTO sessions (session_id, client, path, price_per_gib, bytes_up,"
             " bytes_down, seq, receipt_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (session_id) DO UPDATE SET bytes_up = excluded.bytes_up,"
-            " bytes_down = excluded.bytes_down, seq = excluded.seq,"
+            " bytes_down = excluded.bytes_down, seq = excluded.seq, path = excluded.path,"
             " receipt_id = excluded.receipt_id",
             [
                 (

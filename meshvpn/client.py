@@ -704,6 +704,7 @@ class ClientAgent(Agent):
                 self, "entry", chosen, self.access, self.opts.access_ifname
             )
             self.duties["exit"] = _Duty(self, "exit", self.exit, self.device, self.opts.ifname)
+            self.duties["exit"].entry = chosen.entry.signer if chosen.entry else None
             jobs += [self._watch_path(), self._keep_standbys()]
         for duty in self.duties.values():
             jobs += [duty.serve(), duty.save_loop()]
@@ -786,6 +787,7 @@ class ClientAgent(Agent):
         self.chosen = new
         await self._roam_now()
         self.duties["entry"].switch(new)
+        self.duties["exit"].entry = new.entry.signer if new.entry else None
         if self.opts.lockdown:
             await set_allowed(Allowed(relays=self._relay_endpoints()))
         self._standby_wanted.set()
@@ -941,7 +943,12 @@ class ClientAgent(Agent):
 
 class _Duty:
     """One paid session's receipts: the relay states, we check against our own
-    count and sign. A multi-hop client has two, with the entry and the exit."""
+    count and sign. A multi-hop client has two: with the entry, for the access
+    link (one relay on the path: what the entry's cut-off watches, and what pays
+    it), and with the exit, for the path: the exit states the relays it traced
+    (entry, transit..., exit), and every one of them countersigns. The entry
+    is only a witness on the path receipt (``accounting.ledger`` gives it no
+    share), so it bills the same bytes once."""
 
     def __init__(
         self,
@@ -956,6 +963,7 @@ class _Duty:
         self.device = device
         self.ifname = ifname
         self.relay = relay
+        self._entry: PublicKey | None = None
         self.session = self._new_session(relay)
         # The single-hop file keeps its old name: a restarted agent finds it.
         suffix = "" if name == "relay" else f"-{name}"
@@ -973,7 +981,18 @@ class _Duty:
             price_per_gib=relay.grant.price_per_gib,
             started_ms=now_ms(),
         )
-        return ClientSession(terms)
+        return ClientSession(terms, entry=self._entry)
+
+    @property
+    def entry(self) -> PublicKey | None:
+        """Multi-hop exit duty: the entry a stated path must start at (it must end at
+        the exit); the path receipt is countersigned by every relay on it."""
+        return self._entry
+
+    @entry.setter
+    def entry(self, key: PublicKey | None) -> None:
+        self._entry = key
+        self.session.entry = key
 
     def switch(self, relay: Chosen) -> None:
         """Another relay in this role now: a new session, counted from its counters."""

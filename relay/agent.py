@@ -55,7 +55,13 @@ from meshvpn.errors import LocalError
 from meshvpn.footprint import nft_apply, write_sysctl
 from meshvpn.handshake import ReceivedRequest, accept_request, request_size_ok
 from meshvpn.icmp import probe_path
-from meshvpn.identity import PublicKey, client_mesh_address, node_id_of
+from meshvpn.identity import (
+    PublicKey,
+    client_mesh_address,
+    mesh_address_of,
+    mesh_prefix_of,
+    node_id_of,
+)
 from meshvpn.messages import (
     ROLE_ENTRY,
     ROLE_EXIT,
@@ -92,11 +98,13 @@ from relay.exit import (
     exit_ruleset,
     mesh_sources_update,
     read_counters,
+    read_flow_set,
 )
 from relay.exit import TABLE as EXIT_TABLE
 from relay.mesh import MESH_RANGE, Mesh, MeshOptions
 from relay.metering import ReceiptDesk
 from relay.operator import OperatorSettings
+from relay.paths import TRACE_TIMEOUT_S, PathService, parse_flows
 from relay.pool import AddressPool
 from relay.sessions import Session, SessionBook
 
@@ -207,6 +215,7 @@ class RelayAgent(Agent):
         self._peers_changed = asyncio.Event()
         self._announce_due = asyncio.Event()
         self.mesh: Mesh | None = None
+        self.paths: PathService | None = None  # multi-hop receipts: relay/paths.py
         self.credit = CreditGate(opts.accounting_key) if opts.accounting_key else None
         self.earnings = EarningsFeed(self.identity.node_id, opts.accounting_key)
         self.throughput = Throughput()
@@ -302,6 +311,8 @@ class RelayAgent(Agent):
         await self.apply_exit()
         if self.mesh is not None:
             await self.mesh.build()
+            self.paths = self._path_service(self.mesh)
+            self.desk.use_paths(self.paths)
         await self.controls.apply_shaping(self.footprint)
         await self._apply_peers()
         await self.controls.check(self)  # the first announcement already tells the truth
@@ -343,6 +354,46 @@ class RelayAgent(Agent):
             )
         )
 
+    def _path_service(self, mesh: Mesh) -> PathService:
+        """Multi-hop receipts over this relay's mesh (relay/paths.py)."""
+
+        def entry_of(client: ipaddress.IPv6Address) -> PublicKey | None:
+            for entry in mesh.directory.entries.values():
+                relay = ipaddress.IPv6Address(entry.announcement.mesh_address)
+                if client in mesh_prefix_of(relay):
+                    return entry.signer
+            return None
+
+        def key_of(address: str) -> PublicKey | None:
+            node_id = mesh.node_of_address(address)
+            if node_id == self.identity.node_id:
+                return self.identity.identity_public
+            entry = mesh.directory.entries.get(node_id) if node_id else None
+            return entry.signer if entry is not None else None
+
+        def route_via(relay: PublicKey) -> str | None:
+            route = mesh.router.table().get(mesh_prefix_of(mesh_address_of(relay)))
+            return route.link if route is not None else None
+
+        def trace(target: ipaddress.IPv6Address) -> list[str | None]:
+            try:
+                hops, _ = probe_path(target, 0, TRACE_TIMEOUT_S)
+            except OSError:
+                return [None]
+            return [h.address for h in hops]
+
+        async def read_flows() -> dict[tuple[str, str], int]:
+            return parse_flows(await read_flow_set(EXIT_TABLE))
+
+        return PathService(
+            self.identity,
+            entry_of=entry_of,
+            key_of=key_of,
+            route_via=route_via,
+            trace=trace,
+            read_flows=read_flows,
+        )
+
     async def _mesh_sources_changed(self, sources: frozenset[ipaddress.IPv6Network]) -> None:
         await asyncio.to_thread(nft_apply, mesh_sources_update(sources))
 
@@ -381,6 +432,8 @@ class RelayAgent(Agent):
             jobs += [self.link.run(), self._announce_loop(), self._serve_probes()]
             if self.mesh is not None:
                 jobs.append(self.mesh.run(self.link))
+            if self.paths is not None and self.mesh is not None:
+                jobs.append(self.paths.run(self.mesh.address))
         jobs.append(self.desk.deliver(self.link))
         if self.opts.metrics is not None:
             from relay.metrics import serve_metrics  # noqa: PLC0415 - only when asked for

@@ -35,6 +35,11 @@ With ``--dns``, clients' DNS (udp and tcp 53, to any address) is rewritten to
 that resolver before routing, so it never lands on the owner's LAN resolver
 by accident; the rewritten packet then meets the rules above like any other.
 
+A mesh relay also counts the bytes of every forwarded mesh flow in the
+dynamic set ``mesh_flows`` (``ip6 saddr . ip6 daddr``, one counter each):
+what it vouches for on a multi-hop path (``relay.paths``). The set starts
+empty whenever the table is replaced (restart, reload).
+
 Every drop has a named counter (``nft list counters table inet meshvpn``).
 """
 
@@ -51,6 +56,8 @@ from typing import Any, Final
 from meshvpn.errors import LocalError
 
 TABLE: Final = "inet meshvpn"
+FLOWS_SET: Final = "mesh_flows"  # relay.paths reads it
+MAX_FLOWS: Final = 65_536
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -421,6 +428,27 @@ async def read_counters(table: str = TABLE) -> dict[str, int]:
     return parse_counters(out) if proc.returncode == 0 else {}
 
 
+async def read_flow_set(table: str = TABLE) -> str:
+    """``nft -j list set`` of the mesh flow counters (JSON text), or "" if absent."""
+    family, _, name = table.partition(" ")
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "nft",
+            "-j",
+            "list",
+            "set",
+            family,
+            name,
+            FLOWS_SET,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+    except FileNotFoundError:
+        return ""
+    out, _ = await proc.communicate()
+    return out.decode(errors="replace") if proc.returncode == 0 else ""
+
+
 async def discover_host_networks(wg_ifname: str) -> HostNetworks:
     """The router's addresses and LAN subnets, as they are now (see ``host_networks``)."""
     addresses = await _ip_json("addr", "show")
@@ -551,6 +579,8 @@ def exit_ruleset(
         )
         mesh_forward = (
             spoofed
+            + f"        ip6 daddr {mesh.mesh_range} update @{FLOWS_SET} {{ ip6 saddr . ip6 daddr }}"
+            ' comment "bytes per flow: what this relay countersigns on a path (relay.paths)"\n'
             + f'        {links} oifname "{mesh.link_prefix}*" accept comment "mesh transit"\n'
             + f'        {links} oifname "{wg_ifname}" ip6 daddr {mesh.client_prefix}'
             ' meta l4proto { udp, ipv6-icmp } accept comment "to our clients, from the mesh"\n'
@@ -574,6 +604,10 @@ def exit_ruleset(
         declarations += _set(f"blocked_{proto}", "inet_service", ports, interval=False)
     if mesh is not None:
         declarations += _set("mesh_sources", "ipv6_addr", sorted(mesh.sources), merge=True)
+        declarations += (
+            f"    set {FLOWS_SET} {{ type ipv6_addr . ipv6_addr; size {MAX_FLOWS};"
+            " flags dynamic; counter; }\n"
+        )
 
     def drop(match: str, counter: str, comment: str | None = None) -> str:
         return (

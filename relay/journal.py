@@ -10,6 +10,12 @@ without an accounting key, once the broker acknowledged the QoS 1 publish;
 ``relay.delivery`` decides which). A crash between the two re-sends it, which
 the ledger ignores as a duplicate.
 
+A multi-hop exit first journals a receipt as *collecting* (``record_partial``:
+the client's receipt with the exit's own countersignature), acknowledges it,
+and records the bundle for delivery only once every relay on the path has
+countersigned (``relay.paths``); completing it drops the session's older
+collecting rows.
+
 The journal also keeps each session's metered byte totals, so a restarted
 relay goes on counting from where it was rather than from zero.
 """
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from accounting.exchange import Counters
-from accounting.receipts import ReceiptBundle
+from accounting.receipts import PartialBundle, ReceiptBundle
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS receipts (
@@ -32,6 +38,13 @@ CREATE TABLE IF NOT EXISTS receipts (
     bytes_down INTEGER NOT NULL,
     recorded_ms INTEGER NOT NULL,
     delivered INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (session_id, seq)
+);
+CREATE TABLE IF NOT EXISTS collecting (
+    session_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    receipt BLOB NOT NULL,
+    recorded_ms INTEGER NOT NULL,
     PRIMARY KEY (session_id, seq)
 );
 CREATE TABLE IF NOT EXISTS meters (
@@ -68,6 +81,44 @@ class Journal:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (r.session_id, r.seq, bundle.encode(), r.bytes_up, r.bytes_down, now_ms),
             )
+
+    def record_partial(self, partial: PartialBundle, now_ms: int) -> None:
+        """A receipt this exit accepted, while the path's other relays countersign.
+        (Only the client-signed receipt is kept: the exit's own countersignature
+        is made again in a moment, the others are collected again after a restart.)"""
+        r = partial.receipt
+        with self.db:
+            self.db.execute(
+                "INSERT OR IGNORE INTO collecting (session_id, seq, receipt, recorded_ms)"
+                " VALUES (?, ?, ?, ?)",
+                (r.session_id, r.seq, partial.receipt_wire, now_ms),
+            )
+
+    def complete(self, bundle: ReceiptBundle, now_ms: int) -> None:
+        """Every relay countersigned: deliver it; older collecting rows are covered."""
+        r = bundle.receipt
+        with self.db:
+            self.record(bundle, now_ms)
+            self.db.execute(
+                "DELETE FROM collecting WHERE session_id = ? AND seq <= ?", (r.session_id, r.seq)
+            )
+
+    def collecting(self) -> list[bytes]:
+        """The newest receipt wire per session still collecting countersignatures."""
+        rows = self.db.execute(
+            "SELECT receipt FROM collecting c"
+            " WHERE seq = (SELECT MAX(seq) FROM collecting WHERE session_id = c.session_id)"
+        ).fetchall()
+        return [bytes(row[0]) for row in rows]
+
+    def latest_seq(self, session_id: bytes) -> int:
+        """The highest seq this relay acknowledged, complete or still collecting."""
+        row = self.db.execute(
+            "SELECT MAX(seq) FROM (SELECT seq FROM receipts WHERE session_id = ?"
+            " UNION ALL SELECT seq FROM collecting WHERE session_id = ?)",
+            (session_id, session_id),
+        ).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
 
     def latest(self, session_id: bytes) -> ReceiptBundle | None:
         row = self.db.execute(

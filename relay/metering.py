@@ -10,6 +10,12 @@ the newest bundle per session to the broker (QoS 1) until accounting's signed
 an accounting key, until the broker has it).
 Python never touches the clients' packets; only WireGuard's counters.
 
+A session whose peer sits at a mesh address is the end-to-end session of a
+multi-hop client and this relay its exit: statements name the path
+``relay.paths`` traced, and an accepted receipt is journaled as collecting,
+acknowledged, and handed to ``relay.paths`` to gather the other relays'
+countersignatures; only the complete bundle is journaled for delivery.
+
 Checking a receipt costs an Ed25519 verification, so datagrams on the channel
 are rate-limited per session and for all sessions together before anything
 is verified (an honest client answers one statement at a time: far below
@@ -42,15 +48,18 @@ from accounting.exchange import (
     SendStatement,
     Terms,
 )
-from accounting.receipts import GIB
+from accounting.receipts import GIB, PartialBundle, ReceiptBundle
 from meshvpn.clock import now_ms
 from meshvpn.identity import Identity, PublicKey
 from meshvpn.messages import MessageError
 from meshvpn.mqtt import ControlLink
 from meshvpn.ratelimit import RateTable, TokenBucket
 from meshvpn.wireguard.backend import WireGuardDevice
+from meshvpn.wireguard.model import Endpoint
 from relay.delivery import Courier
 from relay.journal import Journal
+from relay.mesh import MESH_RANGE
+from relay.paths import PathService
 from relay.sessions import Session
 
 log = logging.getLogger("meshvpn.metering")
@@ -76,6 +85,7 @@ class _Open:
     session: Session
     exchange: RelaySession
     last_receipt_ms: int = 0
+    mesh_source: ipaddress.IPv6Address | None = None  # multi-hop: the client's mesh address
 
 
 class _Channel(asyncio.DatagramProtocol):
@@ -109,6 +119,19 @@ class ReceiptDesk:
             RECEIPTS_BURST, RECEIPTS_REFILL_MS, MAX_RATE_KEYS
         )
         self._overall = TokenBucket(ALL_RECEIPTS_BURST, ALL_RECEIPTS_REFILL_MS)
+        self.paths: PathService | None = None  # a mesh relay's multi-hop receipts
+        self._resume: list[bytes] = []
+
+    def use_paths(self, paths: PathService) -> None:
+        """Multi-hop sessions from now on; resumes what was collecting before a restart."""
+        self.paths = paths
+        paths.on_complete = self._completed
+        self._resume = self.journal.collecting()
+
+    def _completed(self, bundle: ReceiptBundle) -> None:
+        self.journal.complete(bundle, now_ms())
+        self.counters["path-receipts-complete"] += 1
+        self._deliver.set()
 
     # ---- sessions come and go
 
@@ -133,6 +156,8 @@ class ReceiptDesk:
                 max(restored.down, latest.receipt.bytes_down),
             )
             exchange.seq = latest.receipt.seq
+        # a receipt still collecting countersignatures was acknowledged too
+        exchange.seq = max(exchange.seq, self.journal.latest_seq(session.session_id))
         exchange.meter = Meter(restored)  # the device's counters start again from zero
         exchange.stated = restored
         self.open[session.wireguard_key] = _Open(session, exchange)
@@ -175,6 +200,7 @@ class ReceiptDesk:
                 if peer is None:
                     continue
                 raw = Counters(up=peer.rx_bytes, down=peer.tx_bytes)
+                self._follow_path(held, peer.spec.endpoint)
                 for action in held.exchange.observe(raw, now):
                     if isinstance(action, SendStatement):
                         self._send(action.statement.encode(), str(held.session.address))
@@ -202,6 +228,29 @@ class ReceiptDesk:
                 last_save = time.monotonic()
                 for held in self.open.values():
                     self.journal.save_meter(held.session.session_id, held.exchange.counted)
+
+    def _follow_path(self, held: _Open, endpoint: Endpoint | None) -> None:
+        host = endpoint.host if endpoint is not None else None
+        if self.paths is None or not isinstance(host, ipaddress.IPv6Address):
+            return
+        if host not in MESH_RANGE:
+            return
+        if host != held.mesh_source and held.mesh_source is not None:
+            self.paths.forget(held.mesh_source)  # the client moved to another entry
+        held.mesh_source = host
+        held.exchange.path = self.paths.path_for(host)
+        if self._resume:  # after a restart: collect again what was collecting
+            keep = []
+            for wire in self._resume:
+                try:
+                    partial = PartialBundle.start(wire)
+                    if partial.receipt.session_id != held.session.session_id:
+                        keep.append(wire)
+                        continue
+                    self.paths.collect(partial.sign(self.identity.identity_key), host)
+                except MessageError:
+                    continue
+            self._resume = keep
 
     async def deliver(self, link: ControlLink | None) -> None:
         """At-least-once to accounting: the newest bundle per session, until accounting
@@ -255,7 +304,13 @@ class ReceiptDesk:
             return
         for action in held.exchange.on_receipt(data, self.identity.identity_key, now):
             if isinstance(action, ReceiptCountersigned):
-                self.journal.record(action.bundle, now)  # on disk before the client hears "ok"
+                # on disk before the client hears "ok"
+                if action.partial.complete:
+                    self.journal.record(action.bundle, now)
+                else:
+                    self.journal.record_partial(action.partial, now)
+                    if self.paths is not None and held.mesh_source is not None:
+                        self.paths.collect(action.partial, held.mesh_source)
                 self.journal.save_meter(held.session.session_id, held.exchange.counted)
                 held.last_receipt_ms = now
                 self.counters["receipts"] += 1
@@ -294,6 +349,7 @@ class ReceiptDesk:
             "price_per_gib": held.session.price_per_gib,
             "revenue": receipted.total * held.session.price_per_gib // GIB,
             "receipts_rejected": ex.rejected,
+            "path": [k.b64 for k in ex.path] if len(ex.path) > 1 else None,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -301,5 +357,6 @@ class ReceiptDesk:
             "pending_delivery": self.journal.pending_count(),
             "awaiting_booked_ack": self.courier.resends(),
             "cut_offs": self.cut_offs,
+            "paths": self.paths.status() if self.paths is not None else None,
             **dict(self.counters),
         }

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -19,6 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from accounting.exchange import tolerance
+from accounting.receipts import COUNTERSIGN_LABEL, ReceiptBundle
+from meshvpn.identity import PublicKey
 from meshvpn.lab.httpserver import pattern
 from meshvpn.lab.nodes import (
     Download,
@@ -26,6 +31,7 @@ from meshvpn.lab.nodes import (
     fetch,
     meshvpn,
     node_ifname,
+    node_state_dir,
     node_status,
     start_broker,
     start_mesh,
@@ -292,3 +298,61 @@ def _forged_mesh_sources_are_dropped_and_counted(lab: Lab, ids: dict[int, str]) 
     assert forged not in senders, "a source routing does not know crossed a mesh link"
     after = _status(lab, "relay1")["dropped"]["exit_table"].get("mesh_spoofed", 0)
     assert after - before >= 20
+
+
+def _journal(lab: Lab, node: str) -> list[ReceiptBundle]:
+    """Every bundle the relay journaled for delivery (decoding verifies them all)."""
+    db = sqlite3.connect(node_state_dir(lab, node) / "receipts.db")
+    try:
+        rows = db.execute("SELECT bundle FROM receipts ORDER BY session_id, seq").fetchall()
+    finally:
+        db.close()
+    return [ReceiptBundle.decode(bytes(row[0])) for row in rows]
+
+
+def test_path_receipts_are_countersigned_by_every_relay_on_the_path(
+    make_lab: Callable[..., Lab],
+) -> None:
+    lab, started = _ring(make_lab)
+    ids = {i: s["node_id"] for i, s in started.items()}
+    keys = {
+        i: PublicKey.from_b64(
+            json.loads(meshvpn(lab, f"relay{i}", "id", "--json"))["identity_public_key"]
+        )
+        for i in (1, 2, 3)
+    }
+    _connect(lab, ids, entry=1, exit_=3)
+    assert _next_hop(lab, ids, 1, 3) == 2, "the ring's shortest way is through relay2"
+    size = 20_000_000
+    assert fetch(lab, "client1", f"/bytes/{size}") == pattern(size)
+
+    # Statements come every 8 MiB or 10 s: the last one covers the whole download.
+    deadline = time.monotonic() + 90
+    while True:
+        on_path = [b for b in _journal(lab, "relay3") if len(b.receipt.path) == 3]
+        if on_path and on_path[-1].receipt.bytes_down >= size:
+            break
+        assert time.monotonic() < deadline, (
+            "no complete path receipt for the download at the exit: "
+            f"{_status(lab, 'relay3')['receipts']}"
+        )
+        time.sleep(1.0)
+    bundle = on_path[-1]
+    r = bundle.receipt
+    assert r.path == (keys[1], keys[2], keys[3]), "entry, transit, exit"
+    assert bundle.complete
+    assert len(bundle.signatures) == 3
+    for relay, signature in zip(r.path, bundle.signatures, strict=True):
+        relay.ed25519_verify(signature, COUNTERSIGN_LABEL + bundle.receipt_wire)
+
+    # The bytes are the exit's own count of the end-to-end session (within tolerance).
+    exit_status = _status(lab, "relay3")
+    peer = next(p for p in exit_status["peers"] if p["session_id"] == r.session_id.hex())
+    assert peer["role"] == "exit"
+    assert size <= r.bytes_down <= peer["tx_bytes"] + tolerance(peer["tx_bytes"])
+    assert r.bytes_up <= peer["rx_bytes"] + tolerance(peer["rx_bytes"])
+    assert peer["receipts"]["path"] == [k.b64 for k in r.path]
+    # The entry and the transit checked it against their own flow counters and signed.
+    for witness in ("relay1", "relay2"):
+        paths = _status(lab, witness)["receipts"]["paths"]
+        assert paths["countersigned"] >= 1, f"{witness}: {paths}"
