@@ -84,6 +84,9 @@ def _gone(exc: NetlinkError) -> bool:
 class Netlink:
     def __init__(self) -> None:
         self._ip = AsyncIPRoute()
+        # ifname -> index for this object's life (one batch of changes): a mesh
+        # relay replacing many routes looked the same link up for each of them
+        self._indexes: dict[str, int] = {}
 
     async def __aenter__(self) -> Self:
         return self
@@ -98,9 +101,12 @@ class Netlink:
         return int(found[0]) if found else None
 
     async def _require(self, ifname: str) -> int:
-        idx = await self.index(ifname)
+        idx = self._indexes.get(ifname)
         if idx is None:
-            raise LocalError(f"network interface {ifname} does not exist")
+            idx = await self.index(ifname)
+            if idx is None:
+                raise LocalError(f"network interface {ifname} does not exist")
+            self._indexes[ifname] = idx
         return idx
 
     async def link_exists(self, ifname: str) -> bool:
@@ -114,6 +120,7 @@ class Netlink:
         await self._ip.link("set", **kwargs)
 
     async def link_delete(self, ifname: str) -> bool:
+        self._indexes.pop(ifname, None)
         idx = await self.index(ifname)
         if idx is None:
             return False
@@ -126,6 +133,7 @@ class Netlink:
         return True
 
     async def link_add(self, ifname: str, kind: str) -> None:
+        self._indexes.pop(ifname, None)
         await self._ip.link("add", ifname=ifname, kind=kind)
 
     async def address_add(
@@ -179,7 +187,13 @@ class Netlink:
         """Point ``dst`` at ``ifname``, whatever it pointed at before."""
         idx = await self._require(ifname)
         family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
-        await self._ip.route("replace", dst=str(dst), oif=idx, table=table, family=family)
+        try:
+            await self._ip.route("replace", dst=str(dst), oif=idx, table=table, family=family)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+            self._indexes.pop(ifname, None)
+            raise LocalError(f"network interface {ifname} does not exist") from None
 
     async def route_delete(
         self, dst: ipaddress.IPv4Network | ipaddress.IPv6Network, table: int = MAIN_TABLE

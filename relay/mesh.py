@@ -202,6 +202,7 @@ class Mesh:
         self.pending: dict[bytes, _Pending] = {}  # by reply token
         self.rtt_ms: dict[str, float] = {}
         self.installed: dict[ipaddress.IPv6Network, str] = {}
+        self._routes_lock = asyncio.Lock()
         self.counters: dict[str, int] = {}
         self.wake = asyncio.Event()
         self._sources: frozenset[ipaddress.IPv6Network] = frozenset()
@@ -418,7 +419,8 @@ class Mesh:
         for action in actions:
             if isinstance(action, Send):
                 link = self.by_ifname.get(action.link)
-                if link is not None and link.transport is not None:
+                # a closed transport's socket is gone (sendto would hit None)
+                if link is not None and link.transport and not link.transport.is_closing():
                     with contextlib.suppress(OSError):
                         link.transport.sendto(action.data, (str(link.mesh_address), ROUTING_PORT))
             elif isinstance(action, RoutesChanged):
@@ -430,6 +432,12 @@ class Mesh:
                     self.wake.set()
 
     async def _reconcile_routes(self) -> None:
+        # Called from the loop and from a link's creation: one pass at a time, or
+        # two would delete the same route and the second would find it gone.
+        async with self._routes_lock:
+            await self._reconcile_routes_once()
+
+    async def _reconcile_routes_once(self) -> None:
         desired: dict[ipaddress.IPv6Network, str] = {}
         for prefix, route in self.router.table().items():
             if route.link in self.by_ifname:
@@ -437,7 +445,7 @@ class Mesh:
         async with Netlink() as nl:
             for prefix in [p for p in self.installed if p not in desired]:
                 await nl.route_delete(prefix, MESH_TABLE)
-                del self.installed[prefix]
+                self.installed.pop(prefix, None)
             for prefix, link in desired.items():
                 if self.installed.get(prefix) != link:
                     try:
