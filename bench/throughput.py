@@ -34,8 +34,8 @@ and while iperf3 runs at full rate; RSS (VmRSS) and its peak (VmHWM).
     python bench/throughput.py [--rounds N] [--seconds S] [--quick]
     python bench/throughput.py --profile     # one round more, profiled (perf, py-spy)
 
-Multi-hop goes in as two more arms (meshvpn over a 3-relay path, and a chain
-of plain tunnels): see ``Arm``.
+Multi-hop (meshvpn over a 3-relay path vs. a chain of plain tunnels) is
+``bench/multihop.py``, on the arms, rounds and reports defined here.
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ class MeshvpnArm:
     relay_pid: int
     metered: bool = False
     name: str = "meshvpn"
+    route: tuple[str, ...] = ()  # more `connect` arguments (multi-hop: --entry, --exit)
     client_pid: int = 0
     rounds: int = 0
     signed: int = 0  # receipts the metered clients signed,
@@ -162,7 +163,8 @@ class MeshvpnArm:
             grant = json.loads(sh(self.lab, "relay1", *admit_argv(self.lab, key)))
             how = ["--relay", relay_endpoint(self.lab, 1), "--relay-key", grant["relay_key"]]
             how += ["--address", grant["address"]]
-        self.meshvpn("connect", "--interface", node_ifname(self.lab, "client1"), *how)
+        ifname = node_ifname(self.lab, "client1")
+        self.meshvpn("connect", "--interface", ifname, *how, *self.route)
         self.client_pid = int(json.loads(self.meshvpn("status", "--json"))["pid"])
 
     def down(self) -> None:
@@ -620,31 +622,53 @@ def measure(rounds: int, seconds: float, idle_s: float, profile: bool) -> dict[s
         plain.prepare()
         hand = MeshvpnArm(lab, int(relay["pid"]))
         metered = MeshvpnArm(lab, int(relay["pid"]), metered=True, name="metered")
-        arms: list[Arm] = [hand, plain, metered]
         try:
-            if profile:
-                profile_round(lab, arms, seconds, server, tally)
-            for r in range(rounds):
-                for test, arm, first in schedule(arms, r, single=rounds == 1):
-                    (lab.state_dir / arm.name).mkdir(exist_ok=True)
-                    if first:
-                        arm.up()
-                        if arm.agents() and test == TESTS[0]:
-                            sample_idle(arm, arm.agents(), idle_s, tally)
-                    try:
-                        if not run_test(lab, arm, test, seconds, spy=False, tally=tally):
-                            server.restart()  # it may still serve the dead run
-                            if rounds == 1:
-                                arm.down()  # cut off: a new session for the next test
-                                arm.up()
-                    finally:
-                        if rounds > 1 or test == TESTS[-1]:
-                            arm.down()
+            run_rounds(lab, [hand, plain, metered], server, Rounds(rounds, seconds, idle_s),
+                       tally, profile=profile)  # fmt: skip
             tally.exchange = exchange(lab, metered)
         finally:
             plain.close()
             server.stop()
     return report(TESTS, tally)
+
+
+@dataclass(frozen=True)
+class Rounds:
+    count: int
+    seconds: float  # per iperf3 run
+    idle_s: float  # idle sampling of the agents after each connect
+
+
+def run_rounds(
+    lab: Any,  # noqa: ANN401
+    arms: list[Arm],
+    server: IperfServer,
+    rounds: Rounds,
+    tally: Tally,
+    *,
+    profile: bool,
+) -> None:
+    """Every test through every arm, ``rounds.count`` times (see ``schedule``);
+    with ``profile``, a profiled round first (``profile_round``)."""
+    if profile:
+        profile_round(lab, arms, rounds.seconds, server, tally)
+    single = rounds.count == 1
+    for r in range(rounds.count):
+        for test, arm, first in schedule(arms, r, single=single):
+            (lab.state_dir / arm.name).mkdir(exist_ok=True)
+            if first:
+                arm.up()
+                if arm.agents() and test == TESTS[0]:
+                    sample_idle(arm, arm.agents(), rounds.idle_s, tally)
+            try:
+                if not run_test(lab, arm, test, rounds.seconds, spy=False, tally=tally):
+                    server.restart()  # it may still serve the dead run
+                    if single:
+                        arm.down()  # cut off: a new session for the next test
+                        arm.up()
+            finally:
+                if not single or test == TESTS[-1]:
+                    arm.down()
 
 
 def exchange(lab: Any, metered: MeshvpnArm) -> dict[str, Any]:  # noqa: ANN401
