@@ -33,7 +33,6 @@ resolution and is reported):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ipaddress
 import json
 import os
@@ -47,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import MB, Benchmark, Goal, proc_sample, summary, write_report
+from common import MB, Benchmark, Goal, children, proc_sample, summary, write_report
 from routing import random_mesh
 
 from meshvpn.lab import Lab
@@ -194,17 +193,6 @@ def wait_until(
         if time.monotonic() - t0 > LIMIT_S:
             raise RuntimeError(f"the mesh did not converge within {LIMIT_S:g} s")
         time.sleep(POLL_S)
-
-
-def children(pid: int, comm: str) -> list[int]:
-    """``pid``'s children named ``comm`` (not the short-lived ``ip`` and ``nft`` runs)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{child}/comm").read_text().strip() == comm:
-                    found.append(int(child))
-    return found
 
 
 def machine_idle() -> tuple[float, float]:

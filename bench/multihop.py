@@ -24,7 +24,10 @@ between the same namespaces, taken in turn as in ``bench/throughput.py``
 Per arm and round, iperf3 from client1: TCP up, TCP down and UDP up; the
 ratio is paired (each meshvpn run over the plain run of the same round and
 test). Agent CPU and RSS as in ``bench/throughput.py``, for the client and
-all three relays. ``--profile`` adds a round under perf(1) and py-spy first.
+all three relays, and ``wireguard_cpu_s_per_gb``: the wireguard-go CPU of
+each node per GB delivered, in both arms (where the data plane's time goes,
+whatever the machine's load). ``--profile`` adds a round under perf(1) and
+py-spy first.
 
     python bench/multihop.py [--rounds N] [--seconds S] [--quick] [--profile]
 """
@@ -181,6 +184,13 @@ class PlainChainArm(PlainArm):
     def close(self) -> None:
         for side in list(self.procs):
             self._stop(side)
+
+    def dataplane(self) -> dict[str, list[int]]:
+        nodes = {"c": "client", "e": "entry", "t": "transit", "x": "exit"}
+        out: dict[str, list[int]] = {}
+        for side, proc in self.procs.items():
+            out.setdefault(nodes[side[0]], []).append(proc.pid)
+        return out
 
 
 @dataclass

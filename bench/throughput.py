@@ -31,6 +31,12 @@ their child and not counted, nor is the broker): CPU as a percentage of one
 core and CPU seconds per GB of payload moved, idle (connected, no traffic)
 and while iperf3 runs at full rate; RSS (VmRSS) and its peak (VmHWM).
 
+The data plane's own cost, ``wireguard_cpu_s_per_gb``: CPU seconds of each
+arm's wireguard-go processes (by node) per GB that arrived, per test: whether
+the same binary does more work per byte in one arm than in another. It moves
+with the load too (wireguard-go batches fewer packets per wake-up at lower
+rates): compare arms of one run, not runs.
+
     python bench/throughput.py [--rounds N] [--seconds S] [--quick]
     python bench/throughput.py --profile     # one round more, profiled (perf, py-spy)
 
@@ -46,6 +52,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -54,7 +61,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self
 
-from common import GB, MB, Benchmark, Goal, ProcSample, proc_sample, summary, write_report
+from common import (
+    GB,
+    MB,
+    Benchmark,
+    Goal,
+    ProcSample,
+    children,
+    cpu_s,
+    proc_sample,
+    summary,
+    write_report,
+)
 
 from meshvpn.lab import Lab
 from meshvpn.lab.netns import exec_argv
@@ -123,6 +141,9 @@ class Arm(Protocol):
     def up(self) -> None: ...
     def down(self) -> None: ...
     def agents(self) -> dict[str, int]: ...
+    def dataplane(self) -> dict[str, list[int]]:
+        """The wireguard-go processes carrying the traffic, by node."""
+        ...
 
 
 @dataclass
@@ -176,6 +197,12 @@ class MeshvpnArm:
 
     def agents(self) -> dict[str, int]:
         return {"relay_agent": self.relay_pid, "client_agent": self.client_pid}
+
+    def dataplane(self) -> dict[str, list[int]]:
+        return {
+            name.removesuffix("_agent"): children(pid, "wireguard-go")
+            for name, pid in self.agents().items()
+        }
 
 
 def admit_argv(lab: Any, key: str) -> list[str]:  # noqa: ANN401
@@ -290,6 +317,10 @@ class PlainArm:
 
     def agents(self) -> dict[str, int]:
         return {}
+
+    def dataplane(self) -> dict[str, list[int]]:
+        nodes = {"c": "client", "r": "relay"}
+        return {nodes.get(side, side): [proc.pid] for side, proc in self.procs.items()}
 
 
 class StalledError(Exception):
@@ -520,6 +551,8 @@ class Tally:
     stalled: dict[str, list[str]] = field(default_factory=dict)
     profiles: dict[str, list[str]] = field(default_factory=dict)
     exchange: dict[str, Any] = field(default_factory=dict)
+    # arm -> test -> node -> wireguard-go CPU seconds per GB delivered, per run
+    dataplane: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
 
 
 def sample_idle(arm: Arm, pids: dict[str, int], idle_s: float, tally: Tally) -> None:
@@ -544,9 +577,18 @@ def run_test(  # noqa: PLR0917
     """One iperf3 run through ``arm``; False if the tunnel stalled."""
     pids = arm.agents()
     spying = py_spy(pids, seconds, lab.state_dir / arm.name) if spy and pids else {}
+    planes = arm.dataplane()
+    plane_before = {node: cpu_s(wg) for node, wg in planes.items()}
     with Sampler(pids) as sampler:
         t0 = time.monotonic()
         got = iperf(lab, test, seconds)
+    if not got.stalled and got.bytes:
+        gb = got.bytes / GB
+        for node, wg in planes.items():
+            per_gb = (cpu_s(wg) - plane_before[node]) / gb
+            tally.dataplane.setdefault(arm.name, {}).setdefault(test, {}).setdefault(
+                node, []
+            ).append(per_gb)
     if got.stalled:
         tally.stalled.setdefault(arm.name, []).append(f"{test}: {got.stalled}")
     if got.active_s >= 1.0:
@@ -699,6 +741,7 @@ def report(tests: tuple[str, ...], tally: Tally) -> dict[str, Any]:
                 out[f"{key}_{test}"] = summary(pairs, "x", 3)
     for arm, lost in tally.lost.items():
         out[f"{arm}_udp_lost"] = summary(lost, "pct", 1)
+    out["wireguard_cpu_s_per_gb"] = dataplane_report(tally)
     out["metered_cut_offs"] = len(tally.stalled.get("metered", []))
     out["metered_exchange"] = tally.exchange
     out["stalled_runs"] = tally.stalled
@@ -720,6 +763,22 @@ def report(tests: tuple[str, ...], tally: Tally) -> dict[str, Any]:
         arm, _, what = name.partition(".")
         if what.startswith("dataplane"):
             out.setdefault(arm, {})[f"profile_{what}"] = lines
+    return out
+
+
+def dataplane_report(tally: Tally) -> dict[str, Any]:
+    """wireguard-go CPU seconds per GB delivered, per arm and test: by node (median)
+    and in all (median, min, max); the same binary's cost per byte, whatever the load."""
+    out: dict[str, Any] = {}
+    for arm, by_test in tally.dataplane.items():
+        for test, by_node in by_test.items():
+            runs = min(len(v) for v in by_node.values())
+            total = [sum(v[i] for v in by_node.values()) for i in range(runs)]
+            figures: dict[str, Any] = {
+                node: round(statistics.median(v), 2) for node, v in by_node.items()
+            }
+            figures["all"] = summary(total, "s", 2)
+            out.setdefault(arm, {})[test] = figures
     return out
 
 
