@@ -35,6 +35,7 @@ py-spy first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import Benchmark, Goal, write_report
+from common import CLK_TCK, GB, Benchmark, Goal, write_report
 from throughput import (
     TESTS,
     Arm,
@@ -51,6 +52,7 @@ from throughput import (
     PlainArm,
     Rounds,
     Tally,
+    iperf,
     report,
     run_rounds,
     sh,
@@ -82,6 +84,7 @@ CLIENT6 = f"{ULA}10"
 ACCESS_PORT, LINK_A_PORT, LINK_B_PORT, INNER_PORT = 51901, 51902, 51903, 51904
 INNER_NET = "100.64.1"  # the relays' pools are 100.64.0.0/24
 MARK = "51821"
+EQUAL_RATE = "25M"  # iperf3 -b: both arms carry it even on a loaded machine
 
 
 @dataclass
@@ -203,6 +206,47 @@ class MultihopArm(MeshvpnArm):
         return {**self.relay_pids, "client_agent": self.client_pid}
 
 
+def user_sys_s(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of these processes so far (gone ones count 0)."""
+    user = system = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            user += int(fields[11]) / CLK_TCK
+            system += int(fields[12]) / CLK_TCK
+    return user, system
+
+
+def equal_rate(lab: Lab, arms: list[Arm], seconds: float, server: IperfServer) -> dict[str, Any]:
+    """Where the data plane's time goes with the rate taken out: TCP and UDP up at
+    ``EQUAL_RATE`` (which both arms carry on a loaded machine) through each arm, the
+    user and system CPU seconds of each node's wireguard-go per GB delivered. At
+    full rate the slower arm also batches fewer packets per wake-up, which costs
+    CPU per byte by itself; at one rate, a difference is work one arm adds."""
+    out: dict[str, Any] = {"rate": EQUAL_RATE}
+    for test in ("tcp_up", "udp_up"):
+        for arm in arms:
+            arm.up()
+            try:
+                planes = arm.dataplane()
+                before = {node: user_sys_s(pids) for node, pids in planes.items()}
+                got = iperf(lab, test, seconds, rate=EQUAL_RATE)
+                if got.stalled or not got.bytes:
+                    server.restart()
+                    continue
+                gb = got.bytes / GB
+                figures: dict[str, Any] = {"mbit_s": round(got.bps / 1e6, 1)}
+                for node, pids in planes.items():
+                    user, system = user_sys_s(pids)
+                    figures[f"{node}_user_s_per_gb"] = round((user - before[node][0]) / gb, 1)
+                    figures[f"{node}_sys_s_per_gb"] = round((system - before[node][1]) / gb, 1)
+                out.setdefault(arm.name, {})[test] = figures
+            finally:
+                arm.down()
+    return out
+
+
 def measure(rounds: Rounds, profile: bool) -> dict[str, Any]:
     tally = Tally()
     with Lab(f"bh{os.getpid() % 100_000:05d}") as lab:
@@ -225,8 +269,11 @@ def measure(rounds: Rounds, profile: bool) -> dict[str, Any]:
             },
         )
         arms: list[Arm] = [meshvpn, plain]
+        costs: dict[str, Any] = {}
         try:
             plain.prepare()
+            if profile:
+                costs = equal_rate(lab, arms, rounds.seconds, server)
             run_rounds(lab, arms, server, rounds, tally, profile=profile)
         finally:
             plain.close()
@@ -237,6 +284,8 @@ def measure(rounds: Rounds, profile: bool) -> dict[str, Any]:
     out.pop("metered_cut_offs", None)
     out["meshvpn_cut_offs"] = len(tally.stalled.get("meshvpn", []))
     out["mtu"] = {"outer": OUTER_MTU, "inner": INNER_MTU}
+    if costs:
+        out["wireguard_cpu_at_equal_rate"] = costs
     return out
 
 

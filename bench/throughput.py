@@ -336,8 +336,8 @@ class IperfRun:
     stalled: str = ""  # why iperf3 could not finish, if it could not
 
 
-def iperf(lab: Any, test: str, seconds: float) -> IperfRun:  # noqa: ANN401
-    """One iperf3 run from client1."""
+def iperf(lab: Any, test: str, seconds: float, rate: str = "0") -> IperfRun:  # noqa: ANN401
+    """One iperf3 run from client1; ``rate`` caps what it offers (``-b``; 0: no cap)."""
     argv = ["timeout", "-s", "INT", f"{seconds + 15:g}"]  # a dead tunnel also stalls the control
     argv += ["iperf3", "-c", str(lab.plan.internet.web_addr), "-p", str(IPERF_PORT), "-J"]
     argv += ["-t", f"{seconds:g}", "--connect-timeout", "3000"]
@@ -346,7 +346,8 @@ def iperf(lab: Any, test: str, seconds: float) -> IperfRun:  # noqa: ANN401
     if test == "tcp_down":
         argv += ["-R", "--rcv-timeout", "3000"]
     if test == "udp_up":
-        argv += ["-u", "-b", "0", "-l", str(UDP_LEN)]
+        argv += ["-u", "-l", str(UDP_LEN)]
+    argv += ["-b", rate]
     proc = lab.exec("client1", argv, check=False, timeout=seconds + 60)
     try:
         data = json.loads(proc.stdout or b"{}")
