@@ -38,6 +38,7 @@ converged and was measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
@@ -51,7 +52,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import MB, Benchmark, Goal, children, proc_sample, summary, write_report
+from common import (
+    MB,
+    Benchmark,
+    Goal,
+    ProcSample,
+    children,
+    proc_sample,
+    summary,
+    write_report,
+)
 from routing import random_mesh
 
 from meshvpn.identity import load_identity, mesh_prefix_of
@@ -229,6 +239,14 @@ def machine_idle() -> tuple[float, float]:
     return fields[3] + fields[4], sum(fields)
 
 
+def samples(pids: list[int]) -> dict[int, ProcSample]:
+    found = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            found[pid] = proc_sample(pid)
+    return found
+
+
 def footprint(agents: dict[int, int], broker: int, idle_s: float) -> dict[str, Any]:
     """What the idle mesh costs: CPU over ``idle_s`` and RSS, by kind of process."""
     groups = {
@@ -236,7 +254,7 @@ def footprint(agents: dict[int, int], broker: int, idle_s: float) -> dict[str, A
         "wireguard_go": [c for pid in agents.values() for c in children(pid, "wireguard-go")],
         "broker": [broker, *children(broker, "mosquitto")],
     }
-    before = {g: {p: proc_sample(p) for p in pids} for g, pids in groups.items()}
+    before = {g: samples(pids) for g, pids in groups.items()}
     idle0, all0 = machine_idle()
     t0 = time.monotonic()
     time.sleep(idle_s)
@@ -244,13 +262,15 @@ def footprint(agents: dict[int, int], broker: int, idle_s: float) -> dict[str, A
     idle1, all1 = machine_idle()
     out: dict[str, Any] = {}
     for group, pids in groups.items():
-        after = {p: proc_sample(p) for p in pids}
-        cpu = sum(after[p].cpu_s - before[group][p].cpu_s for p in pids)
+        after = samples(pids)
+        # a process that came or went meanwhile (a flapping link's) is left out
+        both = [p for p in pids if p in after and p in before[group]]
+        cpu = sum(after[p].cpu_s - before[group][p].cpu_s for p in both)
         out[group] = {
-            "processes": len(pids),
+            "processes": len(both),
             "cpu_pct_of_a_core": round(100 * cpu / wall, 1),
-            "rss_total_mb": round(sum(after[p].rss_bytes for p in pids) / MB, 1),
-            "rss_each_mb": summary([after[p].rss_bytes / MB for p in pids], "mb", 1),
+            "rss_total_mb": round(sum(after[p].rss_bytes for p in both) / MB, 1),
+            "rss_each_mb": summary([after[p].rss_bytes / MB for p in both] or [0], "mb", 1),
         }
     out["machine_idle_pct"] = round(100 * (idle1 - idle0) / max(1.0, all1 - all0), 1)
     out["cpus"] = os.cpu_count()
