@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    CLK_TCK,
     MB,
     Benchmark,
     Goal,
@@ -247,6 +248,17 @@ def samples(pids: list[int]) -> dict[int, ProcSample]:
     return found
 
 
+def waited_s(pids: list[int]) -> float:
+    """CPU seconds of these processes' exited and waited-for children (cutime + cstime)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += (int(fields[13]) + int(fields[14])) / CLK_TCK
+    return total
+
+
 def footprint(agents: dict[int, int], broker: int, idle_s: float) -> dict[str, Any]:
     """What the idle mesh costs: CPU over ``idle_s`` and RSS, by kind of process."""
     groups = {
@@ -255,6 +267,7 @@ def footprint(agents: dict[int, int], broker: int, idle_s: float) -> dict[str, A
         "broker": [broker, *children(broker, "mosquitto")],
     }
     before = {g: samples(pids) for g, pids in groups.items()}
+    waited = {g: waited_s(list(before[g])) for g in groups}
     idle0, all0 = machine_idle()
     t0 = time.monotonic()
     time.sleep(idle_s)
@@ -269,6 +282,8 @@ def footprint(agents: dict[int, int], broker: int, idle_s: float) -> dict[str, A
         out[group] = {
             "processes": len(both),
             "cpu_pct_of_a_core": round(100 * cpu / wall, 1),
+            # what their exited children (ip, nft, wg runs) took meanwhile
+            "children_cpu_pct_of_a_core": round(100 * (waited_s(both) - waited[group]) / wall, 1),
             "rss_total_mb": round(sum(after[p].rss_bytes for p in both) / MB, 1),
             "rss_each_mb": summary([after[p].rss_bytes / MB for p in both] or [0], "mb", 1),
         }
