@@ -43,6 +43,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -360,12 +361,13 @@ def measure(n: int, deaths: int, seed: int, idle_s: float) -> dict[str, Any]:
             took, s = wait_until(lab, everyone, mesh.complete(set(everyone)), back)
             rejoin.append(took)
             sweep.append(s)
-        flaps = link_flaps(lab, n)
+        flaps, crashed = link_flaps(lab, n), agent_crashes(lab, n)
     degree = [sum(i in link for link in links) for i in everyone]
     return {
         "relays": n,
         "converged": True,
         "link_flaps": flaps,
+        "agents_crashed": crashed,
         "links": len(links),
         "link_degree": summary(degree, "links", 1),
         "converge_s": round(start_s + converge_s, 1),
@@ -375,6 +377,23 @@ def measure(n: int, deaths: int, seed: int, idle_s: float) -> dict[str, Any]:
         "slowest_sweep_s": round(max(sweep), 3),
         "idle_mesh": cost,
     }
+
+
+def agent_crashes(lab: Lab, n: int) -> dict[str, int]:
+    """Relay agents that died of an unhandled exception, by its last line."""
+    found: dict[str, int] = {}
+    for i in range(1, n + 1):
+        log = (node_state_dir(lab, f"relay{i}") / "agent.log").read_text(errors="replace")
+        if "Traceback" not in log:
+            continue
+        errors = [
+            line.strip(" |")
+            for line in log.splitlines()
+            if re.match(r"^[\s|]*[A-Za-z.]*(Error|Exception)\b.*:", line)
+        ]
+        why = errors[-1][:160] if errors else "?"
+        found[why] = found.get(why, 0) + 1
+    return found
 
 
 def link_flaps(lab: Lab, n: int) -> int:
@@ -405,6 +424,7 @@ def not_converged(  # noqa: PLR0917
         "links": len(mesh.links),
         "link_ends_up_at_the_end": f"{up} of {len(ends)}",
         "link_flaps": link_flaps(lab, n),
+        "agents_crashed": agent_crashes(lab, n),
         "while_trying": footprint(pids, broker, idle_s),
     }
 
