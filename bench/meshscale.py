@@ -202,6 +202,18 @@ class Mesh:
     def forgot(self, live: set[int], dead: int) -> Callable[[dict[int, Table]], bool]:
         return lambda tables: not any(self.mentions(tables[i], dead) for i in live)
 
+    def stale(self, tables: dict[int, Table], live: list[int], dead: int) -> list[str]:
+        """The routes that still lead to or through ``dead``, as 'relayN: dst dev'."""
+        gone, out = self.relays[dead], []
+        for i in live:
+            links_to_dead = {d for d, n in self.neighbours_by_dev(tables[i]).items() if n == dead}
+            out += [
+                f"relay{i}: {dst} {dev}"
+                for dst, dev in tables[i].items()
+                if dst.subnet_of(gone.prefix) or dev in links_to_dead
+            ]
+        return [f"relay{dead} died", *out[:20]]
+
     def mentions(self, table: Table, dead: int) -> bool:
         """A route to the dead relay's prefix or address, or through a link to it."""
         gone = self.relays[dead]
@@ -323,6 +335,7 @@ def measure(n: int, deaths: int, seed: int, idle_s: float) -> dict[str, Any]:
     victims = random.Random(seed + 1)  # noqa: S311 - as bench/routing.py picks them
     everyone = list(range(1, n + 1))
     rerouted, dropped, rejoin, sweep = [], [], [], []
+    stale: list[list[str]] = []
     with Lab(f"bs{os.getpid() % 100_000:05d}") as lab:
         lab.up(n, 0)
         broker = start_broker(lab)
@@ -353,9 +366,13 @@ def measure(n: int, deaths: int, seed: int, idle_s: float) -> dict[str, Any]:
             took, s = wait_until(lab, live, mesh.routed_around(set(live), victim), killed)
             rerouted.append(took)
             sweep.append(s)
-            took, s = wait_until(lab, live, mesh.forgot(set(live), victim), killed)
-            dropped.append(took)
-            sweep.append(s)
+            try:
+                took, s = wait_until(lab, live, mesh.forgot(set(live), victim), killed)
+                dropped.append(took)
+                sweep.append(s)
+            except NotConvergedError as e:
+                # routes to or through the dead relay that outlived LIMIT_S, and where
+                stale.append(mesh.stale(e.tables, live, victim))
             back = time.monotonic()
             pids[victim] = spawn_relay(lab, victim, links, ids)
             took, s = wait_until(lab, everyone, mesh.complete(set(everyone)), back)
@@ -372,7 +389,8 @@ def measure(n: int, deaths: int, seed: int, idle_s: float) -> dict[str, Any]:
         "link_degree": summary(degree, "links", 1),
         "converge_s": round(start_s + converge_s, 1),
         "rerouted_ms": summary([1000 * x for x in rerouted], "ms", 0),
-        "dropped_ms": summary([1000 * x for x in dropped], "ms", 0),
+        "dropped_ms": summary([1000 * x for x in dropped] or [1000 * LIMIT_S], "ms", 0),
+        "deaths_never_dropped": stale,
         "rejoin_ms": summary([1000 * x for x in rejoin], "ms", 0),
         "slowest_sweep_s": round(max(sweep), 3),
         "idle_mesh": cost,
