@@ -23,6 +23,7 @@ key starting with ``ratio_``. Goals name the key path of the figure they judge.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -116,6 +117,27 @@ def proc_sample(pid: int) -> ProcSample:
         elif line.startswith("VmHWM:"):
             hwm = int(line.split()[1]) * 1024
     return ProcSample((utime + stime) / CLK_TCK, rss, hwm)
+
+
+def children(pid: int, comm: str) -> list[int]:
+    """``pid``'s children named ``comm`` (wireguard-go, say, not short-lived ``ip`` runs)."""
+    found = []
+    with contextlib.suppress(OSError):  # gone already: no children
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{child}/comm").read_text().strip() == comm:
+                        found.append(int(child))
+    return found
+
+
+def cpu_s(pids: list[int]) -> float:
+    """CPU seconds of these processes so far; a process already gone counts 0."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += proc_sample(pid).cpu_s
+    return total
 
 
 MB = 1_000_000

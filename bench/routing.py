@@ -50,17 +50,12 @@ LIMIT_MS = 600_000
 STEP_MS = 50
 
 
-def build(n: int, seed: int) -> Simulation:
+def random_mesh(n: int, seed: int) -> tuple[list[tuple[float, float]], list[tuple[int, int]]]:
+    """Points in a unit square, each linked to its 3 nearest, components joined up
+    through their closest pair: (points, links as sorted pairs). ``bench/meshscale.py``
+    starts the same mesh in the lab."""
     rng = random.Random(seed)  # noqa: S311 - a benchmark topology
     points = [(rng.random(), rng.random()) for _ in range(n)]
-    sim = Simulation(seed=seed)
-    sim.measure_cpu = True
-    for i in range(n):
-        sim.add_node(i)
-
-    def delay(i: int, j: int) -> int:
-        return 1 + round(40 * math.dist(points[i], points[j]))
-
     edges: set[frozenset[int]] = set()
     for i in range(n):
         nearest = sorted(
@@ -77,8 +72,20 @@ def build(n: int, seed: int) -> Simulation:
             key=lambda p: math.dist(points[p[0]], points[p[1]]),
         )
         edges.add(frozenset((a, b)))
-    for e in sorted(edges, key=sorted):
-        a, b = sorted(e)
+    return points, [(a, b) for a, b in sorted(tuple(sorted(e)) for e in edges)]
+
+
+def build(n: int, seed: int) -> Simulation:
+    points, links = random_mesh(n, seed)
+    sim = Simulation(seed=seed)
+    sim.measure_cpu = True
+    for i in range(n):
+        sim.add_node(i)
+
+    def delay(i: int, j: int) -> int:
+        return 1 + round(40 * math.dist(points[i], points[j]))
+
+    for a, b in links:
         sim.connect(a, b, delay(a, b))
     return sim
 

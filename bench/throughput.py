@@ -31,11 +31,17 @@ their child and not counted, nor is the broker): CPU as a percentage of one
 core and CPU seconds per GB of payload moved, idle (connected, no traffic)
 and while iperf3 runs at full rate; RSS (VmRSS) and its peak (VmHWM).
 
+The data plane's own cost, ``wireguard_cpu_s_per_gb``: CPU seconds of each
+arm's wireguard-go processes (by node) per GB that arrived, per test: whether
+the same binary does more work per byte in one arm than in another. It moves
+with the load too (wireguard-go batches fewer packets per wake-up at lower
+rates): compare arms of one run, not runs.
+
     python bench/throughput.py [--rounds N] [--seconds S] [--quick]
     python bench/throughput.py --profile     # one round more, profiled (perf, py-spy)
 
-Multi-hop goes in as two more arms (meshvpn over a 3-relay path, and a chain
-of plain tunnels): see ``Arm``.
+Multi-hop (meshvpn over a 3-relay path vs. a chain of plain tunnels) is
+``bench/multihop.py``, on the arms, rounds and reports defined here.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -54,7 +61,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self
 
-from common import GB, MB, Benchmark, Goal, ProcSample, proc_sample, summary, write_report
+from common import (
+    GB,
+    MB,
+    Benchmark,
+    Goal,
+    ProcSample,
+    children,
+    cpu_s,
+    proc_sample,
+    summary,
+    write_report,
+)
 
 from meshvpn.lab import Lab
 from meshvpn.lab.netns import exec_argv
@@ -123,6 +141,9 @@ class Arm(Protocol):
     def up(self) -> None: ...
     def down(self) -> None: ...
     def agents(self) -> dict[str, int]: ...
+    def dataplane(self) -> dict[str, list[int]]:
+        """The wireguard-go processes carrying the traffic, by node."""
+        ...
 
 
 @dataclass
@@ -133,6 +154,7 @@ class MeshvpnArm:
     relay_pid: int
     metered: bool = False
     name: str = "meshvpn"
+    route: tuple[str, ...] = ()  # more `connect` arguments (multi-hop: --entry, --exit)
     client_pid: int = 0
     rounds: int = 0
     signed: int = 0  # receipts the metered clients signed,
@@ -162,7 +184,8 @@ class MeshvpnArm:
             grant = json.loads(sh(self.lab, "relay1", *admit_argv(self.lab, key)))
             how = ["--relay", relay_endpoint(self.lab, 1), "--relay-key", grant["relay_key"]]
             how += ["--address", grant["address"]]
-        self.meshvpn("connect", "--interface", node_ifname(self.lab, "client1"), *how)
+        ifname = node_ifname(self.lab, "client1")
+        self.meshvpn("connect", "--interface", ifname, *how, *self.route)
         self.client_pid = int(json.loads(self.meshvpn("status", "--json"))["pid"])
 
     def down(self) -> None:
@@ -174,6 +197,12 @@ class MeshvpnArm:
 
     def agents(self) -> dict[str, int]:
         return {"relay_agent": self.relay_pid, "client_agent": self.client_pid}
+
+    def dataplane(self) -> dict[str, list[int]]:
+        return {
+            name.removesuffix("_agent"): children(pid, "wireguard-go")
+            for name, pid in self.agents().items()
+        }
 
 
 def admit_argv(lab: Any, key: str) -> list[str]:  # noqa: ANN401
@@ -289,6 +318,10 @@ class PlainArm:
     def agents(self) -> dict[str, int]:
         return {}
 
+    def dataplane(self) -> dict[str, list[int]]:
+        nodes = {"c": "client", "r": "relay"}
+        return {nodes.get(side, side): [proc.pid] for side, proc in self.procs.items()}
+
 
 class StalledError(Exception):
     """iperf3 could not finish: the tunnel stopped carrying traffic."""
@@ -303,8 +336,8 @@ class IperfRun:
     stalled: str = ""  # why iperf3 could not finish, if it could not
 
 
-def iperf(lab: Any, test: str, seconds: float) -> IperfRun:  # noqa: ANN401
-    """One iperf3 run from client1."""
+def iperf(lab: Any, test: str, seconds: float, rate: str = "0") -> IperfRun:  # noqa: ANN401
+    """One iperf3 run from client1; ``rate`` caps what it offers (``-b``; 0: no cap)."""
     argv = ["timeout", "-s", "INT", f"{seconds + 15:g}"]  # a dead tunnel also stalls the control
     argv += ["iperf3", "-c", str(lab.plan.internet.web_addr), "-p", str(IPERF_PORT), "-J"]
     argv += ["-t", f"{seconds:g}", "--connect-timeout", "3000"]
@@ -313,7 +346,8 @@ def iperf(lab: Any, test: str, seconds: float) -> IperfRun:  # noqa: ANN401
     if test == "tcp_down":
         argv += ["-R", "--rcv-timeout", "3000"]
     if test == "udp_up":
-        argv += ["-u", "-b", "0", "-l", str(UDP_LEN)]
+        argv += ["-u", "-l", str(UDP_LEN)]
+    argv += ["-b", rate]
     proc = lab.exec("client1", argv, check=False, timeout=seconds + 60)
     try:
         data = json.loads(proc.stdout or b"{}")
@@ -518,6 +552,8 @@ class Tally:
     stalled: dict[str, list[str]] = field(default_factory=dict)
     profiles: dict[str, list[str]] = field(default_factory=dict)
     exchange: dict[str, Any] = field(default_factory=dict)
+    # arm -> test -> node -> wireguard-go CPU seconds per GB delivered, per run
+    dataplane: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
 
 
 def sample_idle(arm: Arm, pids: dict[str, int], idle_s: float, tally: Tally) -> None:
@@ -542,9 +578,18 @@ def run_test(  # noqa: PLR0917
     """One iperf3 run through ``arm``; False if the tunnel stalled."""
     pids = arm.agents()
     spying = py_spy(pids, seconds, lab.state_dir / arm.name) if spy and pids else {}
+    planes = arm.dataplane()
+    plane_before = {node: cpu_s(wg) for node, wg in planes.items()}
     with Sampler(pids) as sampler:
         t0 = time.monotonic()
         got = iperf(lab, test, seconds)
+    if not got.stalled and got.bytes:
+        gb = got.bytes / GB
+        for node, wg in planes.items():
+            per_gb = (cpu_s(wg) - plane_before[node]) / gb
+            tally.dataplane.setdefault(arm.name, {}).setdefault(test, {}).setdefault(
+                node, []
+            ).append(per_gb)
     if got.stalled:
         tally.stalled.setdefault(arm.name, []).append(f"{test}: {got.stalled}")
     if got.active_s >= 1.0:
@@ -620,31 +665,53 @@ def measure(rounds: int, seconds: float, idle_s: float, profile: bool) -> dict[s
         plain.prepare()
         hand = MeshvpnArm(lab, int(relay["pid"]))
         metered = MeshvpnArm(lab, int(relay["pid"]), metered=True, name="metered")
-        arms: list[Arm] = [hand, plain, metered]
         try:
-            if profile:
-                profile_round(lab, arms, seconds, server, tally)
-            for r in range(rounds):
-                for test, arm, first in schedule(arms, r, single=rounds == 1):
-                    (lab.state_dir / arm.name).mkdir(exist_ok=True)
-                    if first:
-                        arm.up()
-                        if arm.agents() and test == TESTS[0]:
-                            sample_idle(arm, arm.agents(), idle_s, tally)
-                    try:
-                        if not run_test(lab, arm, test, seconds, spy=False, tally=tally):
-                            server.restart()  # it may still serve the dead run
-                            if rounds == 1:
-                                arm.down()  # cut off: a new session for the next test
-                                arm.up()
-                    finally:
-                        if rounds > 1 or test == TESTS[-1]:
-                            arm.down()
+            run_rounds(lab, [hand, plain, metered], server, Rounds(rounds, seconds, idle_s),
+                       tally, profile=profile)  # fmt: skip
             tally.exchange = exchange(lab, metered)
         finally:
             plain.close()
             server.stop()
     return report(TESTS, tally)
+
+
+@dataclass(frozen=True)
+class Rounds:
+    count: int
+    seconds: float  # per iperf3 run
+    idle_s: float  # idle sampling of the agents after each connect
+
+
+def run_rounds(
+    lab: Any,  # noqa: ANN401
+    arms: list[Arm],
+    server: IperfServer,
+    rounds: Rounds,
+    tally: Tally,
+    *,
+    profile: bool,
+) -> None:
+    """Every test through every arm, ``rounds.count`` times (see ``schedule``);
+    with ``profile``, a profiled round first (``profile_round``)."""
+    if profile:
+        profile_round(lab, arms, rounds.seconds, server, tally)
+    single = rounds.count == 1
+    for r in range(rounds.count):
+        for test, arm, first in schedule(arms, r, single=single):
+            (lab.state_dir / arm.name).mkdir(exist_ok=True)
+            if first:
+                arm.up()
+                if arm.agents() and test == TESTS[0]:
+                    sample_idle(arm, arm.agents(), rounds.idle_s, tally)
+            try:
+                if not run_test(lab, arm, test, rounds.seconds, spy=False, tally=tally):
+                    server.restart()  # it may still serve the dead run
+                    if single:
+                        arm.down()  # cut off: a new session for the next test
+                        arm.up()
+            finally:
+                if not single or test == TESTS[-1]:
+                    arm.down()
 
 
 def exchange(lab: Any, metered: MeshvpnArm) -> dict[str, Any]:  # noqa: ANN401
@@ -675,6 +742,7 @@ def report(tests: tuple[str, ...], tally: Tally) -> dict[str, Any]:
                 out[f"{key}_{test}"] = summary(pairs, "x", 3)
     for arm, lost in tally.lost.items():
         out[f"{arm}_udp_lost"] = summary(lost, "pct", 1)
+    out["wireguard_cpu_s_per_gb"] = dataplane_report(tally)
     out["metered_cut_offs"] = len(tally.stalled.get("metered", []))
     out["metered_exchange"] = tally.exchange
     out["stalled_runs"] = tally.stalled
@@ -696,6 +764,22 @@ def report(tests: tuple[str, ...], tally: Tally) -> dict[str, Any]:
         arm, _, what = name.partition(".")
         if what.startswith("dataplane"):
             out.setdefault(arm, {})[f"profile_{what}"] = lines
+    return out
+
+
+def dataplane_report(tally: Tally) -> dict[str, Any]:
+    """wireguard-go CPU seconds per GB delivered, per arm and test: by node (median)
+    and in all (median, min, max); the same binary's cost per byte, whatever the load."""
+    out: dict[str, Any] = {}
+    for arm, by_test in tally.dataplane.items():
+        for test, by_node in by_test.items():
+            runs = min(len(v) for v in by_node.values())
+            total = [sum(v[i] for v in by_node.values()) for i in range(runs)]
+            figures: dict[str, Any] = {
+                node: round(statistics.median(v), 2) for node, v in by_node.items()
+            }
+            figures["all"] = summary(total, "s", 2)
+            out.setdefault(arm, {})[test] = figures
     return out
 
 

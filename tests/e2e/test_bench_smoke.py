@@ -29,7 +29,16 @@ def registered() -> list[str]:
 def test_every_bench_script_is_registered() -> None:
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"run", "common"}
     assert set(registered()) == scripts
-    assert {"connect", "receipts", "throughput", "scale", "routing", "ingest"} <= scripts
+    assert {
+        "connect",
+        "receipts",
+        "throughput",
+        "multihop",
+        "scale",
+        "routing",
+        "ingest",
+    } <= scripts
+    assert {"meshscale", "mesh"} <= scripts
 
 
 def test_bench_quick_runs_and_reports(tmp_path: Path) -> None:
@@ -47,8 +56,15 @@ def test_bench_quick_runs_and_reports(tmp_path: Path) -> None:
     assert results["throughput"]["plain_tcp_up"]["median_mbit_s"] > 0
     assert results["throughput"]["meshvpn_tcp_up"]["median_mbit_s"] > 0
     assert results["throughput"]["meshvpn"]["relay_agent"]["rss_peak"]["median_mb"] > 0
+    # the 3-hop path and the chain of plain tunnels both carried traffic
+    assert results["multihop"]["plain_tcp_up"]["median_mbit_s"] > 0
+    assert results["multihop"]["meshvpn_tcp_up"]["median_mbit_s"] > 0
+    assert results["multihop"]["meshvpn"]["transit_agent"]["rss_peak"]["median_mb"] > 0
     assert results["scale"]["n1000"]["directory_size"] == 1000
     assert results["routing"]["mesh30_flowing_after_death"]["runs"] == 1
+    assert results["meshscale"]["relays"] == 5
+    assert results["meshscale"]["rerouted_ms"]["runs"] == 1
+    assert results["meshscale"]["idle_mesh"]["wireguard_go"]["processes"] > 5
     assert results["ingest"]["sqlite_ingest"]["median_per_s"] > 0
     assert results["ingest"]["postgresql_book"]["median_per_s"] > 0  # ./run starts PostgreSQL
     goals = [g for r in results.values() if isinstance(r, dict) for g in r.get("goals", [])]
