@@ -49,7 +49,13 @@ from accounting.receipts import Receipt, ReceiptBundle, sign_receipt, verify_rec
 from accounting.service import decode_all, relay_of_announcement
 from meshvpn.directory import Directory, announce_topic
 from meshvpn.handshake import PendingRequest, _noise, accept_request, open_request
-from meshvpn.identity import PrivateKey, PublicKey, mesh_address_of, new_x25519
+from meshvpn.identity import (
+    PrivateKey,
+    PublicKey,
+    mesh_address_of,
+    mesh_prefix_of,
+    new_x25519,
+)
 from meshvpn.identity import node_id_of as node_id
 from meshvpn.messages import (
     HEADER,
@@ -81,6 +87,8 @@ from meshvpn.routing import (
 )
 from meshvpn.wireguard.uapi import UapiError, decode_answer, parse_get, parse_set_answer
 from relay.credit import CreditGate
+from relay.paths import CosignAnswer, CosignRefusal, CosignRequest, witness
+from relay.paths import decode_answer as decode_cosign_answer
 from relay.pool import AddressPool
 from relay.sessions import SessionBook
 
@@ -483,11 +491,35 @@ def _uapi_set(data: bytes) -> None:
     parse_set_answer(decode_answer(data))
 
 
+# a multi-hop path: entry, transit, exit (relay.paths)
+ENTRY_ID, TRANSIT_ID = _key(11), _key(12)
+PATH = (ENTRY_ID.ed25519_public(), TRANSIT_ID.ed25519_public(), RELAY_ID.ed25519_public())
+PATH_CLIENT = mesh_prefix_of(mesh_address_of(PATH[0]))[7]
+PATH_EXIT = mesh_address_of(PATH[-1])
+FLOWS = {(str(PATH_CLIENT), str(PATH_EXIT)): 10**6, (str(PATH_EXIT), str(PATH_CLIENT)): 10**7}
+
+
 def _statement_seeds() -> list[bytes]:
     return [
         Statement(TERMS.session_id, 1, Counters(5000, 100_000), NOW).encode(),
+        Statement(TERMS.session_id, 2, Counters(5000, 100_000), NOW, PATH).encode(),
         Ack(TERMS.session_id, 1).encode(),
     ]
+
+
+def _cosign_seeds() -> list[bytes]:
+    signed = sign_receipt(dataclasses.replace(receipt(), path=PATH), CLIENT_ID)
+    return [CosignRequest(PATH_CLIENT, signed).encode()]
+
+
+def _witness(wire: bytes) -> str:
+    """What a transit relay does with a datagram on its countersignature port."""
+    answer = witness(CosignRequest.decode(wire), PATH[1], PATH_EXIT, FLOWS)
+    return answer if isinstance(answer, str) else "countersigned"
+
+
+def _cosign_answer(wire: bytes) -> None:
+    decode_cosign_answer(wire)
 
 
 def build_targets() -> list[Target]:
@@ -529,6 +561,10 @@ def build_targets() -> list[Target]:
         Target("merkle.verify_proof", _proof, (), (bytes(32) * 3, bytes(31))),
         Target("uapi.parse_get", _uapi_get, (UapiError,), tuple(uapi_seeds())),
         Target("uapi.parse_set_answer", _uapi_set, (UapiError,), (b"errno=0\n\n",)),
+        Target("paths.witness", _witness, (MessageError,), tuple(_cosign_seeds())),
+        Target("paths.decode_answer", _cosign_answer, (MessageError,),
+               (CosignAnswer(TERMS.session_id, 1, bytes(64)).encode(),
+                CosignRefusal(TERMS.session_id, 1, "not on the path").encode())),
     ]  # fmt: skip
 
 
