@@ -407,46 +407,35 @@ def parse_counters(nft_json: bytes | str) -> dict[str, int]:
     return out
 
 
-async def read_counters(table: str = TABLE) -> dict[str, int]:
-    """This table's named counters (packets), or {} if it is not there."""
-    family, _, name = table.partition(" ")
+async def _nft_list(*what: str) -> bytes | None:
+    """``nft -j list WHAT``'s output, or None if nft or the object is not there."""
     try:
         proc = await asyncio.create_subprocess_exec(
             "nft",
             "-j",
             "list",
-            "counters",
-            "table",
-            family,
-            name,
+            *what,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
         )
     except FileNotFoundError:
-        return {}
+        return None
     out, _ = await proc.communicate()
-    return parse_counters(out) if proc.returncode == 0 else {}
+    return out if proc.returncode == 0 else None
+
+
+async def read_counters(table: str = TABLE) -> dict[str, int]:
+    """This table's named counters (packets), or {} if it is not there."""
+    family, _, name = table.partition(" ")
+    out = await _nft_list("counters", "table", family, name)
+    return parse_counters(out) if out is not None else {}
 
 
 async def read_flow_set(table: str = TABLE) -> str:
     """``nft -j list set`` of the mesh flow counters (JSON text), or "" if absent."""
     family, _, name = table.partition(" ")
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            "nft",
-            "-j",
-            "list",
-            "set",
-            family,
-            name,
-            FLOWS_SET,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-    except FileNotFoundError:
-        return ""
-    out, _ = await proc.communicate()
-    return out.decode(errors="replace") if proc.returncode == 0 else ""
+    out = await _nft_list("set", family, name, FLOWS_SET)
+    return out.decode(errors="replace") if out is not None else ""
 
 
 async def discover_host_networks(wg_ifname: str) -> HostNetworks:
