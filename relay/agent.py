@@ -144,7 +144,9 @@ class RelayOptions(CommonOptions):
         return self.probe_port or self.listen_port + 1
 
 
-class _ProbeProtocol(asyncio.DatagramProtocol):
+class ProbeProtocol(asyncio.DatagramProtocol):
+    """A probe responder on a UDP socket (the relay's, and the lab's simulated relays')."""
+
     def __init__(self, responder: ProbeResponder) -> None:
         self.responder = responder
         self.transport: asyncio.DatagramTransport | None = None
@@ -527,7 +529,7 @@ class RelayAgent(Agent):
     async def _serve_probes(self) -> None:
         loop = asyncio.get_running_loop()
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: _ProbeProtocol(self.probes),
+            lambda: ProbeProtocol(self.probes),
             local_addr=("0.0.0.0", self.opts.probe),  # noqa: S104
         )
         try:

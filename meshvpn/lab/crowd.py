@@ -26,7 +26,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
 
 import aiomqtt
 
@@ -152,27 +151,15 @@ async def announce(
         return time.perf_counter() - start
 
 
-class _Prober(asyncio.DatagramProtocol):
-    def __init__(self, control: PrivateKey) -> None:
-        self.responder = ProbeResponder(control)
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast("asyncio.DatagramTransport", transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        reply = self.responder.handle(data, str(addr[0]), now_ms())
-        if reply is not None and self.transport is not None:
-            self.transport.sendto(reply, addr)
-
-
 async def answer_probes(relays: list[SimRelay], host: str) -> list[asyncio.BaseTransport]:
     """A real probe responder per relay, on its port; close the transports to stop."""
+    from relay.agent import ProbeProtocol  # noqa: PLC0415 - the relay's own responder
+
     loop = asyncio.get_running_loop()
     transports: list[asyncio.BaseTransport] = []
     for relay in relays:
         transport, _ = await loop.create_datagram_endpoint(
-            lambda r=relay: _Prober(r.control),  # type: ignore[misc]
+            lambda r=relay: ProbeProtocol(ProbeResponder(r.control)),  # type: ignore[misc]
             local_addr=(host, relay.probe_port),
         )
         transports.append(transport)
