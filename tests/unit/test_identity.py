@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 
 from meshvpn.errors import ConfigError, LocalError
 from meshvpn.identity import (
@@ -119,3 +120,29 @@ def test_public_key_parsing() -> None:
     with pytest.raises(ValueError) as info:
         PublicKey.from_b64(secret[:-2] + "!=")  # a mistyped private key is not echoed
     assert secret[:8] not in str(info.value)
+
+
+def test_ed25519_verify_accepts_only_the_signers_signature() -> None:
+    key = PrivateKey(bytes(range(32)))
+    public = key.ed25519_public()
+    signature = key.ed25519_sign(b"receipt")
+    public.ed25519_verify(signature, b"receipt")
+    other = PrivateKey(bytes(range(1, 33))).ed25519_public()
+    bad = [
+        (public, signature, b"receipt!"),
+        (other, signature, b"receipt"),
+        (public, signature[:-1], b"receipt"),
+        (public, signature[:5] + bytes([signature[5] ^ 1]) + signature[6:], b"receipt"),
+    ]
+    for signer, sig, data in bad:
+        with pytest.raises(InvalidSignature):
+            signer.ed25519_verify(sig, data)
+
+
+def test_ed25519_verify_refuses_small_order_keys() -> None:
+    # The identity point as a key, with R = identity and S = 0, "verifies" any
+    # message under RFC 8032's cofactorless check (OpenSSL accepts it): a party
+    # announcing such a key would let anyone sign in its name.
+    identity_point = PublicKey(bytes([1]) + bytes(31))
+    with pytest.raises(InvalidSignature):
+        identity_point.ed25519_verify(identity_point.raw + bytes(32), b"any message")
