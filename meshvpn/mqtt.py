@@ -24,6 +24,14 @@ the broker's acknowledgements (a handler that awaited each QoS 1 publish
 would handle one message per broker round trip, and a flood would back the
 queue up behind a slow broker); a full outbox drops and counts
 (``posts_dropped``).
+
+Links with manual acknowledgements (``on_delivery``: the accounting service)
+never drop: a dropped QoS 1 message is never acknowledged, mosquitto does not
+send it again before a reconnect, and the link stalls once the unacknowledged
+fill its window (seen draining a queue of receipts after a restart: mosquitto
+2.0 sent 1,900 ahead of the acknowledgements despite ``max_inflight_messages``
+100). Their queue is unbounded; what bounds it is the broker's queue for the
+session (``meshvpn.broker.MAX_QUEUED``), receipts of about 400 bytes: 40 MB.
 """
 
 from __future__ import annotations
@@ -311,7 +319,8 @@ class ControlLink:
             will=will,
             keepalive=KEEPALIVE,
             timeout=5,
-            max_queued_incoming_messages=self.max_queued_in,
+            # manual acks: never drop (see the module docstring); 0 is unbounded
+            max_queued_incoming_messages=0 if self.on_delivery else self.max_queued_in,
             clean_session=False if self.persistent else None,
             logger=self._logger,
         )
@@ -339,6 +348,8 @@ class ControlLink:
                     self.connected.set()
                     if self.outages:
                         log.info("broker %s is back", self.broker)
+                    else:
+                        log.info("connected to broker %s", self.broker)
                     delay = BACKOFF_START
                     if self.on_connect is not None:
                         await self.on_connect()

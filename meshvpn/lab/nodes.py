@@ -18,6 +18,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from typing import Any
 
 from meshvpn import broker as brokerd
 from meshvpn import pki
+from meshvpn.agent import LOCK_NAME
 from meshvpn.errors import ConfigError, LocalError
 from meshvpn.identity import init_identity, load_identity
 from meshvpn.lab import netns
@@ -158,6 +160,36 @@ def start_accounting(
             break
         time.sleep(0.1)
     raise LocalError(f"the accounting service did not start: {_tail(sd / 'accounting.log')}")
+
+
+def accounting_connected(lab: Lab, name: str = "accounting", timeout: float = 30) -> None:
+    """Wait until the service ``name`` is subscribed: its broker queue exists from then on."""
+    log = node_state_dir(lab, name) / "accounting.log"
+    deadline = time.monotonic() + timeout
+    while "connected to broker" not in _tail(log, 0, 1_000_000):
+        if time.monotonic() > deadline:
+            raise LocalError(f"{name} did not connect to the broker: {_tail(log)}")
+        time.sleep(0.1)
+
+
+def stop_accounting(lab: Lab, name: str = "accounting", timeout: float = 30) -> None:
+    """SIGTERM the running service ``name`` and wait until it is gone."""
+    pid = int((node_state_dir(lab, name) / LOCK_NAME).read_text().strip())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _running(pid):
+        if time.monotonic() > deadline:
+            raise LocalError(f"{name} ({pid}) did not stop within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (the lab reaps its children only at teardown)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _tail(path: Path, since: int = 0, lines: int = 2) -> str:

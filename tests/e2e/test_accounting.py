@@ -26,6 +26,7 @@ from meshvpn.identity import init_identity, node_id_of
 from meshvpn.lab import Lab
 from meshvpn.lab.nodes import (
     accounting,
+    accounting_connected,
     broker_address,
     broker_ca,
     deposit,
@@ -37,6 +38,7 @@ from meshvpn.lab.nodes import (
     start_accounting,
     start_broker,
     start_relay,
+    stop_accounting,
     wait_for_credit,
 )
 from meshvpn.mqtt import persistent_client_id
@@ -324,6 +326,38 @@ def test_kill_9_during_a_receipt_flood_changes_no_balance(make_lab: Any) -> None
         r = ReceiptBundle.decode(wire).receipt
         newest[r.session_id] = max(newest.get(r.session_id, 0), r.total_bytes)
     assert sessions == newest
+
+
+def test_a_backlog_drains_after_a_restart(make_lab: Any) -> None:
+    """Receipts queued at the broker while the service was down are all taken when it
+    comes back, at full speed. mosquitto then sends far more than its in-flight window
+    ahead of our acknowledgements; a message the link dropped was never acknowledged
+    nor sent again, and the service stalled with a third of the backlog left."""
+    lab = make_lab(1, 1)
+    start_broker(lab)
+    seed, count = 7, 2000
+    parties = flood_parties(lab, seed)
+    start_accounting(lab, 3600)
+    for i, client in enumerate(parties["clients"]):
+        accounting(lab, "deposit", client, str(DEPOSIT), "--ref", f"bridge-{i}")
+    accounting_connected(lab)  # subscribed: the broker keeps its queue from now on
+    stop_accounting(lab)
+    host, port = broker_address(lab).split(":")
+    flood = [sys.executable, FLOOD, "flood", host, port, str(seed), str(count), "1e9"]
+    lab.exec("broker", [*flood, str(broker_ca(lab))], timeout=120)
+    start_accounting(lab, 3600)
+
+    def taken() -> int:
+        store = ledger(lab)
+        try:
+            return sum(store.counters().values())
+        finally:
+            store.close()
+
+    wait_for(lambda: taken() >= count, 60, f"the service to take all {count} receipts")
+    assert taken() == count
+    balances, _ = booked_view(lab, "accounting")
+    assert sum(balances.values()) == 0
 
 
 MQTT_TOOL = str(Path(__file__).with_name("mqtt_tool.py"))
