@@ -13,6 +13,14 @@ core, per backend, each run on a fresh ledger:
   process pool (split over one worker per core) while the batch before it is
   booked, batches booked in order.
 
+- ``<db>_service``: the real thing, end to end: ``meshvpn accounting serve``
+  in a lab namespace draining its broker queue. The service is started once
+  (so mosquitto keeps a persistent session for it) and stopped; the receipt
+  flood of the crash test (tests/e2e/flood_tool.py: 3 relays, 4 clients,
+  one- and two-hop paths, a tenth resent) is published to it as its relays
+  would; then it is started again and the rate is taken from the ledger's
+  own receive times (first batch to last). Needs root; skipped otherwise.
+
 Baseline, in the same run: verifying the same bundles alone (two Ed25519
 verifications each), which bounds ``ingest`` on one core. The stream is
 1,000 sessions over 10 relays and 100 clients, each session's receipts
@@ -43,7 +51,19 @@ from accounting.receipts import Receipt, ReceiptBundle, sign_receipt
 from accounting.service import BATCH, PIPELINE, cpu_count, decode_all, verify_pool
 from accounting.store import Ingest, Store
 from meshvpn.identity import PrivateKey, node_id_of
-from meshvpn.lab import postgres
+from meshvpn.lab import Lab, postgres
+from meshvpn.lab.nodes import (
+    accounting_connected,
+    broker_address,
+    broker_ca,
+    node_state_dir,
+    start_accounting,
+    start_broker,
+    stop_accounting,
+)
+
+FLOOD = Path(__file__).resolve().parent.parent / "tests" / "e2e" / "flood_tool.py"
+DRAIN_TIMEOUT_S = 120.0
 
 NOW = 1_800_000_000_000
 
@@ -111,6 +131,95 @@ def pooled(store: Store, raw: list[list[bytes]], workers: int) -> float:
                 submit(raw[i + PIPELINE])
             store.book(items, NOW)
         return time.perf_counter() - start
+
+
+def _processed(url: str) -> int:
+    """Receipts the ledger has taken so far: booked, stale, duplicate or rejected."""
+    store = Store.open(url)
+    try:
+        return sum(store.counters().values())
+    finally:
+        store.close()
+
+
+def _drain_rate(url: str, since_ms: int, count: int) -> float:
+    """Per second, over the receive times of the batches booked since ``since_ms``
+    (duplicates leave no row, but their batch does). The first batch's own time is
+    not in the span from first to last, so a share of ``count`` is taken off."""
+    store = Store.open(url)
+    try:
+        rows = store.db.execute(
+            "SELECT DISTINCT received_ms FROM receipts WHERE received_ms >= ?", (since_ms,)
+        )
+    finally:
+        store.close()
+    times = sorted(int(ms) for (ms,) in rows)
+    span_s = (times[-1] - times[0]) / 1000 if times else 0.0
+    return count * (len(times) - 1) / len(times) / span_s if span_s > 0 else float("inf")
+
+
+def _flood_parties(store: Store, seed: int) -> None:
+    """The flood's clients get credit and its relays are known, as in production."""
+    sys.path.insert(0, str(FLOOD.parent))
+    import flood_tool  # noqa: PLC0415 - a test tool, not a package
+
+    known = flood_tool.parties(seed)
+    for client in known["clients"]:
+        store.deposit(client, 10**15, f"bench-{seed}-{client}", NOW)
+    for relay in known["relays"]:
+        store.register(relay, "relay", NOW)
+
+
+def service_drain(count: int, repeats: int, pg_url: str | None) -> dict[str, object]:
+    """The accounting service's own rate, through mosquitto (see the module docstring)."""
+    if os.geteuid() != 0:
+        return {"skipped": "needs root (the lab)"}
+    out: dict[str, object] = {}
+    with Lab(f"bi{os.getpid() % 100_000:05d}") as lab:
+        lab.up(1, 1)
+        start_broker(lab)
+        host, port = broker_address(lab).split(":")
+        for db in ("sqlite", "postgresql"):
+            if db == "postgresql" and pg_url is None:
+                continue
+            name = f"accounting-{db}"
+            with contextlib.ExitStack() as stack:
+                if db == "sqlite":
+                    url = f"sqlite://{node_state_dir(lab, name) / 'ledger.db'}"
+                    extra: tuple[str, ...] = ()
+                else:
+                    assert pg_url is not None
+                    url = stack.enter_context(pg_schema(pg_url))
+                    extra = ("--db-url", url)
+                start_accounting(lab, 3600, *extra, name=name)
+                accounting_connected(lab, name)  # subscribed: the broker queues for it now
+                samples = []
+                for run in range(repeats):
+                    stop_accounting(lab, name)
+                    seed = 100 + run
+                    flood = [sys.executable, str(FLOOD), "flood", host, port, str(seed)]
+                    flood += [str(count), "1e9", str(broker_ca(lab))]
+                    published = lab.exec("broker", flood, timeout=DRAIN_TIMEOUT_S).stdout
+                    store = Store.open(url)
+                    _flood_parties(store, seed)
+                    store.close()
+                    taken = _processed(url)
+                    since_ms = int(time.time() * 1000)
+                    start_accounting(lab, 3600, *extra, name=name)
+                    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+                    while (done := _processed(url) - taken) < count:
+                        if time.monotonic() > deadline:
+                            log = node_state_dir(lab, name) / "accounting.log"
+                            tail = log.read_text(errors="replace").splitlines()[-5:]
+                            raise RuntimeError(
+                                f"{name} took {done} of {count} receipts (flood published"
+                                f" {published.decode().strip()}); its log ends: {tail}"
+                            )
+                        time.sleep(0.2)
+                    samples.append(_drain_rate(url, since_ms, count))
+                stop_accounting(lab, name)
+            out[db] = summary(samples)
+    return out
 
 
 def timed(fn: Callable[[], object], n: int) -> float:
@@ -224,6 +333,8 @@ def main() -> int:
         else:
             for name, figures in measure(lambda: pg_schema(pg), wires, verified, repeats).items():
                 report[f"postgresql_{name}"] = figures
+        for db, figures in service_drain(count, repeats, pg).items():
+            report[f"{db}_service"] = figures
     base = report["baseline_bundle_verify"]["median_per_s"]  # type: ignore[index]
     report["ratio_sqlite_ingest_to_verify"] = round(
         report["sqlite_ingest"]["median_per_s"] / base,  # type: ignore[index]

@@ -291,7 +291,7 @@ def measure(rounds: Rounds, profile: bool) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="per iperf3 run")
     parser.add_argument("--idle", type=float, default=3.0, help="seconds of idle sampling")
     parser.add_argument("--quick", action="store_true", help="one round of short runs")
