@@ -18,7 +18,9 @@ Hello it heard within the hold time also carries an IHU ("I heard you"): that
 timestamp echoed back, with how long it was held. The sender of the Hello
 gets ``rtt = (now - echoed timestamp) - held`` from one clock of its own, as in
 Babel's RTT extension (draft-ietf-babel-rtt-extension); no clocks need to
-agree. A neighbour is REACHABLE while we hear its Hellos and its IHUs (so it
+agree. Only the first IHU echoing a given Hello is an RTT sample (the others
+only prove the neighbour alive): one sample per Hello interval, however many
+packets flow. A neighbour is REACHABLE while we hear its Hellos and its IHUs (so it
 hears us too); silent past ``hold_time_ms`` (default 3.5 hello intervals), it is
 LOST: its routes go, ``NeighbourLost`` tells the adapter. The link cost is
 ``base_cost + min(srtt_ms, max_rtt_cost)`` from the smoothed RTT (an EWMA of
@@ -62,7 +64,10 @@ periodic update, so a lost request only delays.
 Updates. A router advertises its own prefixes (metric 0) and its selected
 routes: a full dump to a neighbour when it becomes REACHABLE and to all every
 ``update_interval_ms``; a triggered update of a prefix to all when its selected
-route changes (link, metric, seqno or origin). To the neighbour that is its
+route changes link, seqno or origin, appears, goes, or its metric moves by more
+than the cost hysteresis (smaller moves wait for the periodic update: on a
+loaded machine, RTT noise otherwise rippled through the mesh as a storm of
+updates, each carrying IHUs that moved costs again). To the neighbour that is its
 next hop it advertises the route as retracted (poison reverse). Losing a route
 advertises a retraction (metric INFINITY), repeated in full dumps for one
 route-expiry time, so a lost packet cannot leave a stale route for long.
@@ -402,7 +407,7 @@ class RoutingParams:
     base_cost: int = 10
     max_rtt_cost: int = 1000
     cost_hysteresis_pct: int = 10
-    cost_hysteresis_min: int = 2
+    cost_hysteresis_min: int = 5
     rtt_smoothing: int = 8  # EWMA weight 1/n
     max_prefixes: int = 10_000
 
@@ -487,6 +492,7 @@ class _Neighbour:
     srtt_ms: float | None = None
     cost: int = INFINITY  # from srtt, with hysteresis; used only while REACHABLE
     replied_ms: int | None = None  # last Hello sent in answer to one, while not REACHABLE
+    sampled_ts: int | None = None  # our Hello timestamp the last RTT sample echoed
 
 
 @dataclass
@@ -708,6 +714,9 @@ class Router:
             self.counters["rtt_implausible"] += 1
             return
         nb.last_ihu_ms = now_ms
+        if ihu.origin == nb.sampled_ts:
+            return  # the same Hello echoed again (every packet carries an IHU): one sample
+        nb.sampled_ts = ihu.origin
         p = self.params
         if nb.srtt_ms is None:
             nb.srtt_ms = float(sample)
@@ -833,7 +842,8 @@ class Router:
             self._want_requests(prefix, now_ms)
             return
         self._table_changed = True
-        self._dirty[prefix] = None
+        if old is None or new is None or self._significant(old, new):
+            self._dirty[prefix] = None
         if new is None:
             del self._routes[prefix]
             if old is not None:
@@ -843,6 +853,18 @@ class Router:
             self._routes[prefix] = new
             self._retracted.pop(prefix, None)
         self._want_requests(prefix, now_ms)
+
+    def _significant(self, old: Route, new: Route) -> bool:
+        """Is this change of a selected route worth a triggered update? A new next hop,
+        origin or seqno is; a metric that only moved within the cost hysteresis is not
+        (the periodic update carries it). Else every RTT wobble on one link would ripple
+        through the whole mesh as updates, each carrying IHUs that wobble costs again."""
+        if (old.link, old.router_id, old.seqno) != (new.link, new.router_id, new.seqno):
+            return True
+        p = self.params
+        return abs(new.metric - old.metric) > max(
+            p.cost_hysteresis_min, old.metric * p.cost_hysteresis_pct // 100
+        )
 
     def _housekeeping(self, now_ms: int) -> None:
         for prefix, entries in list(self._entries.items()):

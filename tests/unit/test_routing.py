@@ -323,6 +323,46 @@ def test_cost_follows_smoothed_rtt_with_hysteresis() -> None:
     assert a.counters["ihu_stale"] == 1
 
 
+def test_an_ihu_repeated_for_the_same_hello_is_one_rtt_sample() -> None:
+    """Every packet carries an IHU; only the first echo of a Hello is a sample (else a
+    burst of updates, held a while each, became a burst of RTT samples)."""
+    a = Router(A, [node_prefix(1)], START_MS)
+    t = befriend(a, "ab", B, START_MS, 20)
+    t += 100
+    origin = (t - 20) & 0xFFFFFFFF
+    a.receive("ab", encode_packet([Hello(50, t & 0xFFFFFFFF), Ihu(origin, 0)]), t)
+    rtt = a.neighbours()["ab"].rtt_ms
+    t += 400  # the same Hello echoed again, without the wait deducted: 420 ms if sampled
+    a.receive("ab", encode_packet([Ihu(origin, 0)]), t)
+    assert a.neighbours()["ab"].rtt_ms == rtt
+    assert a.neighbours()["ab"].last_heard_ms == t
+    t += 100
+    a.receive("ab", encode_packet([Ihu((t - 420) & 0xFFFFFFFF, 0)]), t)  # a new echo counts
+    assert a.neighbours()["ab"].rtt_ms != rtt
+
+
+def test_a_small_metric_move_waits_for_the_periodic_update() -> None:
+    """A triggered update goes out for a metric moved beyond the cost hysteresis, not
+    for every wobble; the table follows both."""
+    a = Router(A, [node_prefix(1)], START_MS)
+    t = befriend(a, "ab", B, START_MS, 20)
+    t = befriend(a, "ac", node_address(3), t, 20)
+    prefix, rid = ipaddress.IPv6Network("fd00:55::/64"), ipaddress.IPv6Address("fd00:55::1")
+    a.receive("ab", encode_packet([Update(prefix, rid, 5, 100, 400)]), t)
+    t = START_MS + a.params.hold_time_ms
+    out = a.tick(t)
+    assert [u.metric for p in sends(out, "ac") for u in p if isinstance(u, Update)] == [130]
+
+    def update(metric: int) -> list[int]:
+        out = a.receive("ab", encode_packet([Update(prefix, rid, 5, metric, 400)]), t)
+        assert RoutesChanged() in out
+        assert a.table()[prefix].metric == metric + 30
+        return [u.metric for p in sends(out, "ac") for u in p if isinstance(u, Update)]
+
+    assert update(97) == []  # 3 less: within the hysteresis
+    assert update(40) == [70]  # much better: everyone hears at once
+
+
 def test_feasibility_keeps_the_old_route_and_asks_for_a_new_seqno() -> None:
     """RFC 8966 3.5.4 and 3.8: an unfeasible update for the selected route is not
     applied; starvation and better-but-unfeasible routes make a seqno request."""
