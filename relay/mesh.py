@@ -442,12 +442,14 @@ class Mesh:
         for prefix, route in self.router.table().items():
             if route.link in self.by_ifname:
                 desired[prefix] = route.link
-        async with Netlink() as nl:
-            for prefix in [p for p in self.installed if p not in desired]:
-                await nl.route_delete(prefix, MESH_TABLE)
-                self.installed.pop(prefix, None)
-            for prefix, link in desired.items():
-                if self.installed.get(prefix) != link:
+        gone = [p for p in self.installed if p not in desired]
+        moved = {p: link for p, link in desired.items() if self.installed.get(p) != link}
+        if gone or moved:  # a netlink socket per pass costs more than the pass: only on change
+            async with Netlink() as nl:
+                for prefix in gone:
+                    await nl.route_delete(prefix, MESH_TABLE)
+                    self.installed.pop(prefix, None)
+                for prefix, link in moved.items():
                     try:
                         await nl.route_replace(prefix, link, MESH_TABLE)
                     except LocalError:
