@@ -17,15 +17,20 @@ relays announced on the broker. A link is negotiated like a session: a
 Noise-sealed, signed ``LinkRequest`` on the neighbour's session topic, a
 ``LinkGrant`` back, each naming the port of its own end. When both sides ask
 at once, the request of the smaller node id wins (``crossed_request_wins``).
-A link goes when the routing protocol finds the neighbour silent, or the
-neighbour's announcement expires.
+The routing protocol reacts to a silent neighbour within its hold time (its
+routes go at once); the link itself, a wireguard-go and an interface, goes
+only when the neighbour's announcement is gone (cleared by its last will, or
+expired) while it is silent, or after ``LINK_GIVE_UP_S`` of silence. Tearing
+the link down at the first silence made every scheduling hiccup of a loaded
+host a link flap: both ends rebuilt interfaces, which loaded the host more.
 
 Routes. ``meshvpn.routing.Router`` (pure, Babel-like) runs over the links on
 UDP ``ROUTING_PORT``; on every change its table is reconciled into meshvpn's
 own routing table ``MESH_TABLE``, looked up for ``MESH_RANGE`` only (one
 policy rule), so the host's other routes are never touched. The prefixes
 the router knows are also the only sources a mesh link may carry (nft set,
-see ``relay.exit``).
+see ``relay.exit``; a prefix it lost leaves the set ``SOURCES_SHRINK_S``
+later, so routing churn does not spawn ``nft`` at every change).
 
 Multi-hop. A client reaches an exit several hops away by running its own
 WireGuard session with the exit's mesh address *inside* its access link to
@@ -70,7 +75,14 @@ from meshvpn.messages import (
 )
 from meshvpn.mqtt import ControlLink
 from meshvpn.netconf import Netlink, RuleSpec
-from meshvpn.routing import Neighbour, NeighbourLost, Router, RoutesChanged, Send
+from meshvpn.routing import (
+    Neighbour,
+    NeighbourLost,
+    NeighbourState,
+    Router,
+    RoutesChanged,
+    Send,
+)
 from meshvpn.wireguard.backend import BackendName, WireGuardDevice
 from meshvpn.wireguard.model import Endpoint, PeerSpec
 
@@ -85,6 +97,8 @@ LINK_KEEPALIVE: Final = 5  # s; keeps NAT state and lets the link notice death
 MAX_LINKS: Final = 16
 LINK_TIMEOUT_S: Final = 5.0
 SELECT_INTERVAL_S: Final = 5.0
+LINK_GIVE_UP_S: Final = 30.0  # a link silent (or never answered) this long is removed
+SOURCES_SHRINK_S: Final = 10.0  # a prefix routing lost stays an allowed source this long
 RESELECT_INTERVAL_S: Final = 60.0
 IPV6_FORWARDING: Final = "net.ipv6.conf.all.forwarding"
 
@@ -149,6 +163,7 @@ class _Link:
     device: WireGuardDevice | None = None
     transport: asyncio.DatagramTransport | None = None
     up_since: float = field(default_factory=time.monotonic)
+    silent_since: float | None = None  # when routing last found the neighbour silent
 
 
 @dataclass
@@ -206,9 +221,9 @@ class Mesh:
         self.counters: dict[str, int] = {}
         self.wake = asyncio.Event()
         self._sources: frozenset[ipaddress.IPv6Network] = frozenset()
+        self._sources_set_at = 0.0
         self._last_probe = 0.0
         self.events: list[str] = []  # one line per link event, newest last (status)
-        self._lost: list[_Link] = []  # links the router found silent, to remove
 
     @property
     def sources(self) -> frozenset[ipaddress.IPv6Network]:
@@ -290,6 +305,8 @@ class Mesh:
         link = await self._create_link(
             node_id, slot, entry, Endpoint(host, request.link_port), request.wireguard_key
         )
+        if link is None:
+            return refuse(REFUSED_FULL, "link setup failed here")
         self._event(f"link up: {node_id} on {link.ifname} (asked by it)")
         return LinkGrant(request.nonce, GRANTED, "", self.identity.wireguard_public, link.port)
 
@@ -343,7 +360,8 @@ class Mesh:
         link = await self._create_link(
             entry.node_id, slot, entry, Endpoint(host, grant.link_port), grant.wireguard_key
         )
-        self._event(f"link up: {entry.node_id} on {link.ifname}")
+        if link is not None:
+            self._event(f"link up: {entry.node_id} on {link.ifname}")
 
     def _free_slot(self) -> int | None:
         used = {link.slot for link in self.links.values()} | {p.slot for p in self.pending.values()}
@@ -353,7 +371,11 @@ class Mesh:
 
     async def _create_link(
         self, node_id: str, slot: int, entry: Entry, endpoint: Endpoint, wg_key: PublicKey
-    ) -> _Link:
+    ) -> _Link | None:
+        """Build a link's interface, routes and routing socket; None if the host
+        would not (wireguard-go failing to start, the interface vanishing meanwhile):
+        what was built is taken down again, counted and logged, and the neighbour is
+        asked again at the next selection. It must not take the agent down."""
         name = f"{self.ifname}m{slot}"
         if len(name) > 15:
             raise LocalError(
@@ -370,6 +392,22 @@ class Mesh:
         )
         self.links[node_id] = link
         self.by_ifname[name] = link
+        try:
+            await self._build_link(link, endpoint, wg_key)
+        except (LocalError, OSError) as exc:
+            self._count("link-setup-failed")
+            self.links.pop(node_id, None)
+            self.by_ifname.pop(name, None)
+            await self._take_down(link)
+            self._event(f"link setup failed: {node_id} on {name} ({exc})")
+            return None
+        await self._reconcile_routes()  # its address becomes a source the links may carry
+        self._apply(self.router.link_up(name, neighbour_addr, now_ms()))
+        self.wake.set()
+        return link
+
+    async def _build_link(self, link: _Link, endpoint: Endpoint, wg_key: PublicKey) -> None:
+        name, neighbour_addr = link.ifname, link.mesh_address
         log_path = self.state_dir / f"wireguard-go-{name}.log"
         device = await open_recorded(self.footprint, name, self.backend, log_path)
         link.device = device
@@ -389,15 +427,8 @@ class Mesh:
             lambda: _RoutingSocket(self, name), sock=sock
         )
         link.transport = transport
-        await self._reconcile_routes()  # its address becomes a source the links may carry
-        self._apply(self.router.link_up(name, neighbour_addr, now_ms()))
-        self.wake.set()
-        return link
 
-    async def _remove_link(self, link: _Link, why: str) -> None:
-        self.links.pop(link.node_id, None)
-        self.by_ifname.pop(link.ifname, None)
-        self._apply(self.router.link_down(link.ifname, now_ms()))
+    async def _take_down(self, link: _Link) -> None:
         if link.transport is not None:
             link.transport.close()
         if link.device is not None:
@@ -405,6 +436,12 @@ class Mesh:
                 await link.device.destroy()
         async with Netlink() as nl:
             await nl.link_delete(link.ifname)
+
+    async def _remove_link(self, link: _Link, why: str) -> None:
+        self.links.pop(link.node_id, None)
+        self.by_ifname.pop(link.ifname, None)
+        self._apply(self.router.link_down(link.ifname, now_ms()))
+        await self._take_down(link)
         self._event(f"link down: {link.node_id} on {link.ifname} ({why})")
         await self._reconcile_routes()
 
@@ -428,7 +465,8 @@ class Mesh:
             elif isinstance(action, NeighbourLost):
                 lost = self.by_ifname.get(action.link)
                 if lost is not None:
-                    self._lost.append(lost)
+                    lost.silent_since = time.monotonic()
+                    self._event(f"neighbour silent: {lost.node_id} on {lost.ifname}")
                     self.wake.set()
 
     async def _reconcile_routes(self) -> None:
@@ -458,9 +496,16 @@ class Mesh:
         # Neighbours' own addresses too: their hellos come before any route does.
         neighbours = {ipaddress.IPv6Network(f"{x.mesh_address}/128") for x in self.links.values()}
         sources = frozenset(desired) | neighbours | {self.prefix}
-        if sources != self._sources:
-            self._sources = sources
-            await self.on_sources_changed(sources)
+        if sources == self._sources:
+            return
+        # A new source is allowed at once (its traffic may flow now); one that went
+        # waits: a neighbour found silent and heard again a moment later must not
+        # cost two nft runs, and a route that went is dropped by routing anyway.
+        now = time.monotonic()
+        if sources <= self._sources and now - self._sources_set_at < SOURCES_SHRINK_S:
+            return
+        self._sources, self._sources_set_at = sources, now
+        await self.on_sources_changed(sources)
 
     # ---- the loop
 
@@ -480,8 +525,7 @@ class Mesh:
                         await asyncio.wait_for(self.wake.wait(), wait)
                     self.wake.clear()
                     self._apply(self.router.tick(now_ms()))
-                    while self._lost:
-                        await self._remove_link(self._lost.pop(), "neighbour silent")
+                    await self._drop_dead_links()
                     await self._reconcile_routes()
                     if loop.time() - last_select >= SELECT_INTERVAL_S:
                         last_select = loop.time()
@@ -489,6 +533,22 @@ class Mesh:
             finally:
                 for task in requests:
                     task.cancel()
+
+    async def _drop_dead_links(self) -> None:
+        """Remove the links whose neighbour is silent and gone from the directory, or
+        silent (or never answered) for ``LINK_GIVE_UP_S``."""
+        neighbours = self.router.neighbours()
+        now = time.monotonic()
+        for link in list(self.links.values()):
+            nb = neighbours.get(link.ifname)
+            if nb is not None and nb.state is NeighbourState.REACHABLE:
+                link.silent_since = None
+                continue
+            quiet_s = now - (link.silent_since or link.up_since)
+            if link.node_id not in self.directory.entries and link.silent_since is not None:
+                await self._remove_link(link, "neighbour silent, announcement gone")
+            elif quiet_s > LINK_GIVE_UP_S:
+                await self._remove_link(link, f"neighbour silent for {quiet_s:.0f} s")
 
     async def _select(self, tasks: asyncio.TaskGroup, requests: set[asyncio.Task[None]]) -> None:
         now = now_ms()
