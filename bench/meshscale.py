@@ -379,11 +379,13 @@ def measure(n: int, deaths: int, seed: int, idle_s: float) -> dict[str, Any]:
             rejoin.append(took)
             sweep.append(s)
         flaps, crashed = link_flaps(lab, n), agent_crashes(lab, n)
+        silent = neighbours_silent(lab, n)
     degree = [sum(i in link for link in links) for i in everyone]
     return {
         "relays": n,
         "converged": True,
         "link_flaps": flaps,
+        "neighbours_silent": silent,
         "agents_crashed": crashed,
         "links": len(links),
         "link_degree": summary(degree, "links", 1),
@@ -414,14 +416,22 @@ def agent_crashes(lab: Lab, n: int) -> dict[str, int]:
     return found
 
 
-def link_flaps(lab: Lab, n: int) -> int:
-    """Mesh links taken down, by every relay's log."""
+def log_count(lab: Lab, n: int, what: str) -> int:
+    """Lines with ``what`` in every relay's log."""
     return sum(
-        (node_state_dir(lab, f"relay{i}") / "agent.log")
-        .read_text(errors="replace")
-        .count("link down:")
+        (node_state_dir(lab, f"relay{i}") / "agent.log").read_text(errors="replace").count(what)
         for i in range(1, n + 1)
     )
+
+
+def link_flaps(lab: Lab, n: int) -> int:
+    """Mesh links taken down (interface and wireguard-go removed), by every relay's log."""
+    return log_count(lab, n, "link down:")
+
+
+def neighbours_silent(lab: Lab, n: int) -> int:
+    """Times routing found a neighbour silent (its routes went; the link stayed)."""
+    return log_count(lab, n, "neighbour silent:")
 
 
 def not_converged(  # noqa: PLR0917
@@ -442,6 +452,7 @@ def not_converged(  # noqa: PLR0917
         "links": len(mesh.links),
         "link_ends_up_at_the_end": f"{up} of {len(ends)}",
         "link_flaps": link_flaps(lab, n),
+        "neighbours_silent": neighbours_silent(lab, n),
         "agents_crashed": agent_crashes(lab, n),
         "while_trying": footprint(pids, broker, idle_s),
     }
