@@ -149,6 +149,8 @@ class AccountingService:
         self._credit: dict[str, tuple[int, int, int]] = {}
         self._parties = -1  # number of parties at the last unpark
         self._republish = asyncio.Event()
+        self._unacked: dict[PublicKey, dict[bytes, int]] = {}  # booked, relay not told yet
+        self._ack_ready = asyncio.Event()
         self.link = ControlLink(
             opts.broker,
             name="accounting",
@@ -196,6 +198,7 @@ class AccountingService:
                     for j in (
                         self.link.run(),
                         self._book_loop(),
+                        self._ack_loop(),
                         self._epoch_loop(),
                         self._credit_loop(),
                         self._report_loop(),
@@ -276,7 +279,7 @@ class AccountingService:
             return
         bookings = await self._db(self.store.book, items, now_ms())
         self._tally(bookings)
-        await self._acknowledge(booked.covered(items, bookings))
+        self._acknowledge(booked.covered(items, bookings))
 
     def _tally(self, bookings: list[Booking]) -> None:
         for booking in bookings:
@@ -286,15 +289,31 @@ class AccountingService:
             elif booking.outcome is Outcome.BOOKED and booking.session is not None:
                 self._dirty.update(booking.session.path)
 
-    async def _acknowledge(self, covered: dict[PublicKey, dict[bytes, int]]) -> None:
-        """Tell each relay what the ledger now holds of its sessions (accounting.booked).
-        Best effort: a relay that misses an ack sends the bundle again and is acked again."""
-        now = now_ms()
-        for relay, sessions in sorted(covered.items()):
-            for ack in booked.build_acks(relay, sessions, now):
-                wire = sign(ack, self.identity.identity_key)
-                if await self.link.publish(booked.booked_topic(node_id_of(relay)), wire):
-                    self.counters["booked-acks"] += 1
+    def _acknowledge(self, covered: dict[PublicKey, dict[bytes, int]]) -> None:
+        """Queue telling each relay what the ledger now holds of its sessions
+        (accounting.booked); ``_ack_loop`` sends it. Never waits: booking (and the
+        broker's acknowledgement of the receipts) must not wait for a publish round
+        trip per relay per batch, which bounded ingest to about one batch per three
+        round trips. What piles up meanwhile is merged, the highest seq per session."""
+        for relay, sessions in covered.items():
+            held = self._unacked.setdefault(relay, {})
+            for session, seq in sessions.items():
+                held[session] = max(seq, held.get(session, 0))
+        if covered:
+            self._ack_ready.set()
+
+    async def _ack_loop(self) -> None:
+        """Best effort: a relay that misses an ack sends the bundle again and is acked again."""
+        while True:
+            await self._ack_ready.wait()
+            self._ack_ready.clear()
+            pending, self._unacked = self._unacked, {}
+            now = now_ms()
+            for relay, sessions in sorted(pending.items()):
+                for ack in booked.build_acks(relay, sessions, now):
+                    wire = sign(ack, self.identity.identity_key)
+                    if await self.link.publish(booked.booked_topic(node_id_of(relay)), wire):
+                        self.counters["booked-acks"] += 1
 
     async def _on_announcement(self, wire: bytes) -> None:
         try:
@@ -381,7 +400,7 @@ class AccountingService:
             if parties != self._parties:
                 self._parties = parties
                 while done := await self._db(self._unpark):
-                    await self._acknowledge(done)
+                    self._acknowledge(done)
             if not self.link.connected.is_set():
                 continue
             balances = await self._db(self.store.client_balances)
