@@ -73,7 +73,7 @@ T = TypeVar("T")
 
 RECEIPTS_PREFIX: Final = "meshvpn/v1/receipts/"
 EPOCHS_PREFIX: Final = "meshvpn/v1/epochs/"
-BATCH: Final = 48  # two batches in the pipeline stay below mosquitto's 100 in flight
+BATCH: Final = 256  # two batches in the pipeline stay below the broker's 1,000 in flight
 PIPELINE: Final = 2  # batches taken from the broker and not yet acknowledged
 RETRY_S: Final = 1.0
 CREDIT_CHECK_S: Final = 1.0

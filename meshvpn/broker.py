@@ -153,7 +153,9 @@ use_identity_as_username true
 set_tcp_nodelay true
 max_connections 20000
 max_packet_size {MAX_PAYLOAD + 512}
-max_inflight_messages 100
+# QoS 1 messages sent to a client ahead of its acks: the accounting service acks a
+# batch of 256 receipts once booked, with two batches in its pipeline
+max_inflight_messages 1000
 max_queued_messages {MAX_QUEUED}
 max_queued_bytes {MAX_QUEUED * ANNOUNCEMENT_BUDGET}
 max_keepalive 300

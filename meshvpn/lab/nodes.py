@@ -154,7 +154,8 @@ def start_accounting(
     pid = lab.spawn("broker", argv, log=log)
     deadline = time.monotonic() + AGENT_START_TIMEOUT
     while time.monotonic() < deadline:
-        if (sd / "ledger.db").exists() and "accounting mv" in _tail(log, started, 1000):
+        ledger = "--db" in extra or (sd / "ledger.db").exists()  # --db: PostgreSQL
+        if ledger and "accounting mv" in _tail(log, started, 1000):
             return identity.identity_public.b64, pid
         if not _pid_alive(pid):
             break
