@@ -22,11 +22,23 @@ Bundle wire format::
     b"MVRB" | version:u8 | receipt_len:u16 | receipt | count:u8 | count x signature:64
 
 (The signers' keys are the receipt's ``path``; they are not repeated.)
+
+A relay delivers its bundles to accounting packed several to a broker
+message (``pack_bundles``), as many as fit the broker's payload limit, so
+per-message costs (TLS, MQTT, the broker's routing, one acknowledgement)
+are paid once for many receipts::
+
+    b"MVRL" | count:u16 | count x (bundle_len:u16 | bundle)
+
+``unpack_bundles`` also takes a lone bundle (a relay of an earlier version).
+The list carries no signature of its own: every bundle in it is checked on
+its own, and a bad one fails alone.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
@@ -52,6 +64,9 @@ BUNDLE_MAGIC: Final = b"MVRB"
 BUNDLE_VERSION: Final = 1
 COUNTERSIGN_LABEL: Final = b"meshvpn/v1/receipt-countersign\x00"
 _HEAD: Final = struct.Struct("!4sBH")
+LIST_MAGIC: Final = b"MVRL"
+_LIST_HEAD: Final = struct.Struct("!4sH")
+_LEN: Final = struct.Struct("!H")
 
 
 @register
@@ -242,3 +257,52 @@ class PartialBundle:
         return ReceiptBundle(
             self.receipt, self.receipt_wire, tuple(s for s in self.signatures if s is not None)
         )
+
+
+def pack_bundles(bundles: Sequence[bytes], limit: int) -> list[tuple[int, bytes]]:
+    """Encoded bundles, in order, packed into messages of at most ``limit`` bytes:
+    (how many bundles the message holds, the message). A bundle never straddles two
+    messages; one too big for ``limit`` alone goes out alone, unwrapped."""
+    out: list[tuple[int, bytes]] = []
+    held: list[bytes] = []
+    size = _LIST_HEAD.size
+
+    def flush() -> None:
+        if len(held) == 1:
+            out.append((1, held[0]))
+        elif held:
+            parts = b"".join(_LEN.pack(len(b)) + b for b in held)
+            out.append((len(held), _LIST_HEAD.pack(LIST_MAGIC, len(held)) + parts))
+
+    for bundle in bundles:
+        need = _LEN.size + len(bundle)
+        if held and size + need > limit:
+            flush()
+            held, size = [], _LIST_HEAD.size
+        held.append(bundle)
+        size += need
+    flush()
+    return out
+
+
+def unpack_bundles(wire: bytes) -> list[bytes]:
+    """The encoded bundles of one message (a list, or a lone bundle), not yet checked;
+    MessageError if the list itself is malformed."""
+    if not wire.startswith(LIST_MAGIC):
+        return [wire]
+    if len(wire) < _LIST_HEAD.size:
+        raise MessageError("malformed", "bundle list too short")
+    _, count = _LIST_HEAD.unpack_from(wire)
+    bundles, at = [], _LIST_HEAD.size
+    for _ in range(count):
+        if at + _LEN.size > len(wire):
+            raise MessageError("malformed", "bundle list truncated")
+        (length,) = _LEN.unpack_from(wire, at)
+        at += _LEN.size
+        if at + length > len(wire):
+            raise MessageError("malformed", "bundle list truncated")
+        bundles.append(wire[at : at + length])
+        at += length
+    if at != len(wire):
+        raise MessageError("malformed", "bytes after the bundle list")
+    return bundles

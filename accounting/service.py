@@ -51,7 +51,7 @@ from typing import Final, ParamSpec, TypeVar
 from accounting import booked, credit, earnings
 from accounting.epochs import sign_statement
 from accounting.ledger import Booking, EpochClose, Outcome, relay_account
-from accounting.receipts import ReceiptBundle
+from accounting.receipts import ReceiptBundle, unpack_bundles
 from accounting.store import RELAY, Ingest, Store
 from meshvpn.agent import StateLock
 from meshvpn.clock import now_ms
@@ -73,7 +73,7 @@ T = TypeVar("T")
 
 RECEIPTS_PREFIX: Final = "meshvpn/v1/receipts/"
 EPOCHS_PREFIX: Final = "meshvpn/v1/epochs/"
-BATCH: Final = 256  # two batches in the pipeline stay below the broker's 1,000 in flight
+BATCH: Final = 256  # receipts, so messages too: two batches fit the broker's 1,000 in flight
 PIPELINE: Final = 2  # batches taken from the broker and not yet acknowledged
 RETRY_S: Final = 1.0
 CREDIT_CHECK_S: Final = 1.0
@@ -239,9 +239,10 @@ class AccountingService:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.inbox.get()]
-            while len(batch) < BATCH and not self.inbox.empty():
+            wires = self._bundles_of(batch[0])
+            while len(wires) < BATCH and not self.inbox.empty():
                 batch.append(self.inbox.get_nowait())
-            wires = [d.payload for d in batch if d.topic.startswith(RECEIPTS_PREFIX)]
+                wires += self._bundles_of(batch[-1])
             future: asyncio.Future[list[Ingest]]
             if self._pool is None or not wires:
                 future = loop.create_future()
@@ -254,6 +255,16 @@ class AccountingService:
                 ]
                 future = asyncio.ensure_future(_joined(parts))
             await out.put((batch, future))
+
+    def _bundles_of(self, delivery: Delivery) -> list[bytes]:
+        """The bundles a relay packed into one message (none in an announcement). A
+        malformed list is passed on whole: decoding rejects and counts it."""
+        if not delivery.topic.startswith(RECEIPTS_PREFIX):
+            return []
+        try:
+            return unpack_bundles(delivery.payload)
+        except MessageError:
+            return [delivery.payload]
 
     async def _book_stage(
         self, inbox: asyncio.Queue[tuple[list[Delivery], asyncio.Future[list[Ingest]]]]

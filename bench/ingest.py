@@ -20,7 +20,8 @@ and with it:
   (so mosquitto keeps a persistent session for it) and stopped; the receipt
   flood of the crash test (tests/e2e/flood_tool.py: 3 relays, 4 clients,
   one- and two-hop paths, so 2.5 signatures a bundle, a tenth resent) is
-  published to it as its relays would, one bundle a message; then it is
+  published to it as its relays deliver, bundles packed up to 8 KiB a
+  message (about 20); then it is
   started again and the rate is taken from the ledger's own receive times
   (first batch to last). Needs root; skipped otherwise.
 
@@ -201,7 +202,7 @@ def service_drain(count: int, repeats: int, pg_url: str | None) -> dict[str, obj
                     stop_accounting(lab, name)
                     seed = 100 + run
                     flood = [sys.executable, str(FLOOD), "flood", host, port, str(seed)]
-                    flood += [str(count), "1e9", str(broker_ca(lab))]
+                    flood += [str(count), "1e9", str(broker_ca(lab)), "packed"]
                     published = lab.exec("broker", flood, timeout=DRAIN_TIMEOUT_S).stdout
                     store = Store.open(url)
                     _flood_parties(store, seed)

@@ -48,7 +48,8 @@ from accounting.exchange import (
     SendStatement,
     Terms,
 )
-from accounting.receipts import GIB, PartialBundle, ReceiptBundle
+from accounting.receipts import GIB, PartialBundle, ReceiptBundle, pack_bundles
+from meshvpn.broker import MAX_PAYLOAD
 from meshvpn.clock import now_ms
 from meshvpn.identity import Identity, PublicKey
 from meshvpn.messages import MessageError
@@ -262,14 +263,18 @@ class ReceiptDesk:
             if link is None or not link.connected.is_set():
                 continue
             now = now_ms()
-            for item in self.courier.due(self.journal.pending(), now):
-                again = item.session_id in self.courier.attempts
-                if not await link.publish(receipts_topic(self.identity.node_id), item.bundle):
+            due = self.courier.due(self.journal.pending(), now)
+            at = 0
+            for count, message in pack_bundles([p.bundle for p in due], MAX_PAYLOAD):
+                if not await link.publish(receipts_topic(self.identity.node_id), message):
                     break
-                self.counters["resent" if again else "sent"] += 1
-                if self.courier.sent(item, now):
-                    self.journal.mark_delivered(item.session_id, item.seq)
-                    self.counters["delivered"] += 1
+                for item in due[at : at + count]:
+                    again = item.session_id in self.courier.attempts
+                    self.counters["resent" if again else "sent"] += 1
+                    if self.courier.sent(item, now):
+                        self.journal.mark_delivered(item.session_id, item.seq)
+                        self.counters["delivered"] += 1
+                at += count
 
     def on_booked(self, topic: str, wire: bytes) -> None:
         """Accounting's ``BookedAck``: what it covers is delivered. Ignored without a key."""

@@ -1,7 +1,7 @@
 """A receipt flood for the accounting service, run inside a lab namespace as a script.
 
 python flood_tool.py parties SEED FILE                  -> write the parties (JSON) to FILE
-python flood_tool.py flood HOST PORT SEED COUNT RATE CA_DIR
+python flood_tool.py flood HOST PORT SEED COUNT RATE CA_DIR [packed]
                                                         -> announce the relays, then publish
 
 Everything follows from SEED: the relays' and clients' keys, the sessions,
@@ -9,7 +9,9 @@ and the order of COUNT receipt bundles (cumulative, with duplicates and
 receipts out of order, as at-least-once delivery produces), so two runs
 publish the very same stream. The relays announce themselves (retained) the
 way real ones do; the bundles go to each exit relay's receipts topic at
-about RATE per second, each one acknowledged by the broker (QoS 1). The
+about RATE per second, each message acknowledged by the broker (QoS 1):
+one bundle a message, or with ``packed`` as relays deliver them (several
+of a relay's bundles packed into one, ``accounting.receipts.pack_bundles``). The
 broker lets a relay write only its own topics, so each relay connects as
 itself, with a certificate from the broker CA in CA_DIR (the lab's).
 """
@@ -26,15 +28,17 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
-from accounting.receipts import GIB, Receipt, ReceiptBundle, sign_receipt
+from accounting.receipts import GIB, Receipt, ReceiptBundle, pack_bundles, sign_receipt
 from meshvpn import broker as brokerd
 from meshvpn import pki
+from meshvpn.broker import MAX_PAYLOAD
 from meshvpn.directory import announce_topic
 from meshvpn.identity import PrivateKey, node_id_of
 from meshvpn.messages import ROLE_ENTRY, ROLE_EXIT, Announcement, sign
 from meshvpn.mqtt import BrokerCredentials
 
 RELAYS, CLIENTS, SESSIONS = 3, 4, 24
+PACK_WINDOW = 48  # packed: bundles taken together, as a relay's delivery pass takes them
 
 
 def keys(seed: int) -> tuple[list[PrivateKey], list[PrivateKey]]:
@@ -130,7 +134,24 @@ def relay_client(key: PrivateKey, host: str, port: int, ca_dir: Path) -> mqtt.Cl
     return client
 
 
-def flood(host: str, port: int, seed: int, count: int, rate: float, *, ca_dir: Path) -> int:
+def messages(items: list[tuple[str, bytes]], packed: bool) -> list[tuple[str, int, bytes]]:
+    """(topic, receipts in it, payload): one bundle a message, or (``packed``) as relays
+    send them, each relay's next bundles packed into as few messages as fit."""
+    if not packed:
+        return [(topic, 1, wire) for topic, wire in items]
+    out = []
+    for start in range(0, len(items), PACK_WINDOW):
+        by_topic: dict[str, list[bytes]] = {}
+        for topic, wire in items[start : start + PACK_WINDOW]:
+            by_topic.setdefault(topic, []).append(wire)
+        for topic, wires in by_topic.items():
+            out += [(topic, n, m) for n, m in pack_bundles(wires, MAX_PAYLOAD)]
+    return out
+
+
+def flood(
+    host: str, port: int, seed: int, count: int, rate: float, *, ca_dir: Path, packed: bool
+) -> int:
     relays, _ = keys(seed)
     clients = {}
     for i, relay in enumerate(relays):
@@ -138,12 +159,14 @@ def flood(host: str, port: int, seed: int, count: int, rate: float, *, ca_dir: P
         clients[node_id] = client = relay_client(relay, host, port, ca_dir)
         topic = announce_topic(node_id)
         client.publish(topic, announcement(relay, i), qos=1, retain=True).wait_for_publish(10)
-    started = time.monotonic()
     items = stream(seed, count)
-    for i, (topic, wire) in enumerate(items):
-        info = clients[topic.rsplit("/", 1)[1]].publish(topic, wire, qos=1)
+    sent = 0
+    started = time.monotonic()
+    for topic, receipts, payload in messages(items, packed):
+        info = clients[topic.rsplit("/", 1)[1]].publish(topic, payload, qos=1)
         info.wait_for_publish(30)
-        lag = started + (i + 1) / rate - time.monotonic()
+        sent += receipts
+        lag = started + sent / rate - time.monotonic()
         if lag > 0:
             time.sleep(lag)
     for client in clients.values():
@@ -157,5 +180,7 @@ if __name__ == "__main__":
         with open(sys.argv[3], "w") as fh:  # noqa: PTH123
             json.dump(parties(int(sys.argv[2])), fh)
     else:
-        _, _, host, port, seed, count, rate, ca_dir = sys.argv
-        print(flood(host, int(port), int(seed), int(count), float(rate), ca_dir=Path(ca_dir)))
+        host, port, seed, count, rate, ca_dir, *how = sys.argv[2:]
+        packed = how == ["packed"]
+        print(flood(host, int(port), int(seed), int(count), float(rate), ca_dir=Path(ca_dir),
+                    packed=packed))  # fmt: skip

@@ -45,7 +45,15 @@ from accounting.exchange import (
     Terms,
 )
 from accounting.merkle import leaf_hash, verify_proof
-from accounting.receipts import Receipt, ReceiptBundle, sign_receipt, verify_receipt
+from accounting.receipts import (
+    LIST_MAGIC,
+    Receipt,
+    ReceiptBundle,
+    pack_bundles,
+    sign_receipt,
+    unpack_bundles,
+    verify_receipt,
+)
 from accounting.service import decode_all, relay_of_announcement
 from meshvpn.directory import Directory, announce_topic
 from meshvpn.handshake import PendingRequest, _noise, accept_request, open_request
@@ -448,6 +456,12 @@ def _bundle(wire: bytes) -> None:
     assert bundle.encode() == wire, "a bundle decodes to another encoding"
 
 
+def _bundle_list(wire: bytes) -> None:
+    bundles = unpack_bundles(wire)
+    if wire.startswith(LIST_MAGIC):
+        assert len(bundles) < 2 or pack_bundles(bundles, len(wire)) == [(len(bundles), wire)]
+
+
 def _receipt(wire: bytes) -> None:
     verify_receipt(wire)
 
@@ -553,6 +567,8 @@ def build_targets() -> list[Target]:
         Target("probe.reply", _probe_reply, (), (b"MVR1" + bytes(32),)),
         Target("receipts.bundle", _bundle, (MessageError,),
                (bundle.encode(), bundle.add_countersignature(RELAY_ID).encode())),
+        Target("receipts.unpack_bundles", _bundle_list, (MessageError,),
+               (pack_bundles([bundle.encode()] * 3, 8192)[0][1],)),
         Target("receipts.verify_receipt", _receipt, (MessageError,), (signed[5],), resign=True),
         Target("exchange.relay_on_receipt", _relay_on_receipt, (), (signed[5],), resign=True),
         Target("exchange.client_channel", _client_channel, (MessageError,),

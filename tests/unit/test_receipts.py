@@ -26,7 +26,15 @@ from accounting.exchange import (
     Terms,
     tolerance,
 )
-from accounting.receipts import Receipt, ReceiptBundle, sign_receipt, verify_receipt
+from accounting.receipts import (
+    LIST_MAGIC,
+    Receipt,
+    ReceiptBundle,
+    pack_bundles,
+    sign_receipt,
+    unpack_bundles,
+    verify_receipt,
+)
 from meshvpn.identity import PrivateKey
 from meshvpn.messages import MessageError
 
@@ -318,3 +326,42 @@ def test_quiet_client_is_cut_without_a_ban_but_a_taker_is_banned() -> None:
     events = run(taker, ClientSession(terms()), [Counters(0, 4 * MIB)] * 20, client_answers=False)
     (cut,) = [e for e in events if isinstance(e, ClientCutOff)]
     assert cut.abusive
+
+
+# ---- bundles packed into broker messages
+
+BUNDLES = st.lists(st.binary(min_size=1, max_size=600), max_size=40)
+
+
+@given(BUNDLES, st.integers(min_value=64, max_value=9000))
+def test_packed_bundles_unpack_to_the_same_bundles_in_order(
+    bundles: list[bytes], limit: int
+) -> None:
+    bundles = [b"MVRB" + b for b in bundles]  # real bundles never start with the list magic
+    packed = pack_bundles(bundles, limit)
+    assert sum(count for count, _ in packed) == len(bundles)
+    out = [b for _, message in packed for b in unpack_bundles(message)]
+    assert out == bundles
+    for count, message in packed:
+        assert len(message) <= limit or count == 1  # only a lone bundle may exceed it
+
+
+def test_packing_fills_messages_up_to_the_limit() -> None:
+    bundles = [b"MVRB" + bytes([i]) * 396 for i in range(40)]  # 400 bytes each
+    packed = pack_bundles(bundles, 8192)
+    assert [count for count, _ in packed] == [20, 20]  # 6 + 20 x 402 = 8,046 bytes
+    assert pack_bundles(bundles[:1], 8192) == [(1, bundles[0])]  # one alone: unwrapped
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        LIST_MAGIC,
+        LIST_MAGIC + b"\x00\x02" + b"\x00\x01" + b"x",  # says two, holds one
+        LIST_MAGIC + b"\x00\x01" + b"\x00\x05" + b"abc",  # a bundle cut short
+        LIST_MAGIC + b"\x00\x01" + b"\x00\x01" + b"ab",  # bytes after the list
+    ],
+)
+def test_a_malformed_bundle_list_is_refused(wire: bytes) -> None:
+    with pytest.raises(MessageError):
+        unpack_bundles(wire)
