@@ -74,6 +74,7 @@ from common import (
     write_report,
 )
 
+from meshvpn.errors import LocalError
 from meshvpn.lab import Lab
 from meshvpn.lab.netns import exec_argv
 from meshvpn.lab.nodes import (
@@ -723,7 +724,12 @@ def run_rounds(
 def exchange(lab: Any, metered: MeshvpnArm) -> dict[str, Any]:  # noqa: ANN401
     """The receipt exchange as both ends saw it, over all metered sessions."""
 
-    receipts = (node_status(lab, "relay1") or {}).get("receipts", {})
+    status = None
+    for _ in range(3):  # `meshvpn status` may time out on a loaded machine
+        with contextlib.suppress(LocalError):
+            status = node_status(lab, "relay1")
+            break
+    receipts = (status or {}).get("receipts", {})
     counters = {k: v for k, v in receipts.items() if isinstance(v, int)}
     return {
         "client_receipts_signed": metered.signed,  # highest seq per session, summed
