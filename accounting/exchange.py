@@ -31,8 +31,10 @@ accepted receipt answered) and the statements waiting for an answer. Statements
 and receipts are single datagrams through the session's own tunnel, which at
 full rate drops packets (a UDP flood fills the client's TUN queue and the
 relay's socket buffer: most of its packets are lost), so the relay sends the
-newest statement again every ``RESEND_MS`` until a receipt answers it (the
-client answers a statement it already signed with the same receipt), and
+newest statement again after ``RESEND_MS`` until a receipt answers it (the
+client answers a statement it already signed with the same receipt; the
+wait doubles up to ``RESEND_MAX_MS`` while no new statement is due, for a
+client that is gone; at full rate a new one is due every 8 MiB anyway), and
 judges the client only on statements it really sent: its own stalls are not
 the client's silence. The session is cut off
 
@@ -90,7 +92,8 @@ READ_INTERVAL_S: Final = 0.1
 DEFAULT_INTERVAL_S: Final = 10
 DEFAULT_INTERVAL_BYTES: Final = 8 * MIB
 DEFAULT_GRACE_BYTES: Final = 64 * MIB
-RESEND_MS: Final = 200  # an unanswered statement goes out again this often
+RESEND_MS: Final = 200  # an unanswered statement goes out again after this long,
+RESEND_MAX_MS: Final = 2_000  # doubling up to this while no new one is due (a gone client)
 ALLOWANCE_S: Final = 4  # the allowance: this many seconds of the session's traffic...
 ALLOWANCE_CAP: Final = 256 * MIB  # ...at most (and at least the grant's grace_bytes)
 ALLOWANCE_STEP_MS: Final = 250  # resolution of the traffic history behind the allowance
@@ -329,6 +332,7 @@ class RelaySession:
     # ALLOWANCE_S ago: the traffic the allowance is made of.
     history: list[tuple[int, int]] = field(default_factory=list)
     _reading: int = 0
+    _resends: int = 0  # of the newest statement
 
     @property
     def counted(self) -> Counters:
@@ -378,12 +382,14 @@ class RelaySession:
         due_bytes = new.total >= self.terms.interval_bytes
         if new.total and (due_time or due_bytes):
             return [SendStatement(self._state(now_ms))]
-        if self.waiting_since_ms and now_ms - self.sent_ms >= RESEND_MS:
+        backoff = min(RESEND_MAX_MS, RESEND_MS << min(self._resends, 8))
+        if self.waiting_since_ms and now_ms - self.sent_ms >= backoff:
             newest = self.recent.get(self.seq)
             if newest is None or newest.path != self._stated_path():
                 return [SendStatement(self._state(now_ms))]  # the path moved: state anew
             self.sends += 1
             self.resent += 1
+            self._resends += 1
             self.sent_ms = now_ms
             return [SendStatement(newest)]
         return []
@@ -412,6 +418,7 @@ class RelaySession:
             self.waiting_since_ms = now_ms
         self.sends += 1
         self.sent_ms = now_ms
+        self._resends = 0
         return statement
 
     def _cut(self, reason: str, *, abusive: bool) -> list[RelayAction]:

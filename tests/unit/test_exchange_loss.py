@@ -17,6 +17,7 @@ from accounting.exchange import (
     ALLOWANCE_S,
     DEFAULT_GRACE_BYTES,
     DEFAULT_GRACE_S,
+    RESEND_MAX_MS,
     RESEND_MS,
     Ack,
     ClientCutOff,
@@ -281,3 +282,17 @@ def test_the_allowance_is_capped_at_any_rate() -> None:
     wire.run([100 * MIB] * steps(10))  # 1 GiB/s
     (cut,) = wire.cuts
     assert cut.unreceipted.total <= ALLOWANCE_CAP + 100 * MIB
+
+
+def test_a_gone_client_gets_few_resends_before_its_quiet_cut_off() -> None:
+    """It disconnected with a statement unanswered: the resends back off to one
+    every RESEND_MAX_MS, and after grace_s it is cut, quietly (no ban)."""
+    wire = Wire()
+    wire.run([MIB] * steps(1))
+    wire.answers = False
+    wire.run([9 * MIB] + [0] * steps(DEFAULT_GRACE_S + 5))
+    (cut,) = wire.cuts
+    assert not cut.abusive
+    assert "no receipt" in cut.reason
+    doublings = (RESEND_MAX_MS // RESEND_MS).bit_length()
+    assert wire.relay.resent <= DEFAULT_GRACE_S * 1000 // RESEND_MAX_MS + doublings
