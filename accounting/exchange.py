@@ -382,11 +382,12 @@ class RelaySession:
         due_bytes = new.total >= self.terms.interval_bytes
         if new.total and (due_time or due_bytes):
             return [SendStatement(self._state(now_ms))]
-        backoff = min(RESEND_MAX_MS, RESEND_MS << min(self._resends, 8))
-        if self.waiting_since_ms and now_ms - self.sent_ms >= backoff:
-            newest = self.recent.get(self.seq)
-            if newest is None or newest.path != self._stated_path():
-                return [SendStatement(self._state(now_ms))]  # the path moved: state anew
+        if not self.waiting_since_ms:
+            return []
+        newest = self.recent.get(self.seq)
+        if newest is None or newest.path != self._stated_path():
+            return [SendStatement(self._state(now_ms))]  # the path moved: state anew, now
+        if now_ms - self.sent_ms >= min(RESEND_MAX_MS, RESEND_MS << min(self._resends, 8)):
             self.sends += 1
             self.resent += 1
             self._resends += 1

@@ -221,6 +221,9 @@ def test_multi_hop_exit_states_the_new_path_after_a_failover() -> None:
     wire.run([2 * MIB] * 5 + [MIB // 10] * (steps(3) - 5))
     assert wire.relay.waiting_since_ms
     wire.relay.path = ()
+    wire.run([MIB // 10])  # the client is on B: the exit states afresh, at once
+    assert wire.relay.recent[wire.relay.seq].path == ()
+    assert wire.relay.receipted.path == (exit_key,)
     wire.run([MIB // 10] * steps(0.5))  # and starts again slowly: no statement due
     wire.relay.path = (ENTRY_B, exit_key)
     wire.run([MIB // 10] * steps(1))
