@@ -151,6 +151,9 @@ class ReceiptDesk:
         restored = self.journal.meter(session.session_id)
         if latest is not None:
             exchange.receipted = latest.receipt
+            # what the client answered: without it the whole session would count as
+            # unanswered after a restart, over any allowance (an abusive cut-off)
+            exchange.answered = Counters(latest.receipt.bytes_up, latest.receipt.bytes_down)
             restored = Counters(
                 max(restored.up, latest.receipt.bytes_up),
                 max(restored.down, latest.receipt.bytes_down),
