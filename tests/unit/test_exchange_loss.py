@@ -269,7 +269,8 @@ def test_a_client_that_stops_answering_is_cut_within_the_exposure(
     if wire.cuts:
         (cut,) = wire.cuts
         assert cut.unreceipted.total <= max(DEFAULT_GRACE_BYTES, ALLOWANCE_CAP) + biggest
-        assert cut.unreceipted.total <= wire.relay.allowance + biggest
+        # the allowance moves with the traffic: it may shrink by a slice of history
+        assert cut.unreceipted.total <= wire.relay.allowance + 4 * biggest
         assert cut.abusive == ("allowance" in cut.reason)
     else:
         assert wire.relay.unreceipted.total <= wire.relay.allowance
