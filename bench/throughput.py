@@ -37,7 +37,7 @@ the same binary does more work per byte in one arm than in another. It moves
 with the load too (wireguard-go batches fewer packets per wake-up at lower
 rates): compare arms of one run, not runs.
 
-    python bench/throughput.py [--rounds N] [--seconds S] [--quick]
+    python bench/throughput.py [--rounds N] [--seconds S] [--quick] [--arms metered,...]
     python bench/throughput.py --profile     # one round more, profiled (perf, py-spy)
 
 Multi-hop (meshvpn over a 3-relay path vs. a chain of plain tunnels) is
@@ -74,6 +74,7 @@ from common import (
     write_report,
 )
 
+from meshvpn.errors import LocalError
 from meshvpn.lab import Lab
 from meshvpn.lab.netns import exec_argv
 from meshvpn.lab.nodes import (
@@ -652,7 +653,12 @@ def profile_round(
     tally.profiles |= scratch.profiles
 
 
-def measure(rounds: int, seconds: float, idle_s: float, profile: bool) -> dict[str, Any]:
+ARMS = ("meshvpn", "plain", "metered")
+
+
+def measure(
+    rounds: int, seconds: float, idle_s: float, profile: bool, arms: tuple[str, ...] = ARMS
+) -> dict[str, Any]:
 
     tally = Tally()
     with Lab(f"bt{os.getpid() % 100_000:05d}") as lab:
@@ -665,8 +671,9 @@ def measure(rounds: int, seconds: float, idle_s: float, profile: bool) -> dict[s
         plain.prepare()
         hand = MeshvpnArm(lab, int(relay["pid"]))
         metered = MeshvpnArm(lab, int(relay["pid"]), metered=True, name="metered")
+        chosen: list[Arm] = [a for a in (hand, plain, metered) if a.name in arms]
         try:
-            run_rounds(lab, [hand, plain, metered], server, Rounds(rounds, seconds, idle_s),
+            run_rounds(lab, chosen, server, Rounds(rounds, seconds, idle_s),
                        tally, profile=profile)  # fmt: skip
             tally.exchange = exchange(lab, metered)
         finally:
@@ -717,7 +724,12 @@ def run_rounds(
 def exchange(lab: Any, metered: MeshvpnArm) -> dict[str, Any]:  # noqa: ANN401
     """The receipt exchange as both ends saw it, over all metered sessions."""
 
-    receipts = (node_status(lab, "relay1") or {}).get("receipts", {})
+    status = None
+    for _ in range(3):  # `meshvpn status` may time out on a loaded machine
+        with contextlib.suppress(LocalError):
+            status = node_status(lab, "relay1")
+            break
+    receipts = (status or {}).get("receipts", {})
     counters = {k: v for k, v in receipts.items() if isinstance(v, int)}
     return {
         "client_receipts_signed": metered.signed,  # highest seq per session, summed
@@ -732,9 +744,9 @@ def report(tests: tuple[str, ...], tally: Tally) -> dict[str, Any]:
     for test in tests:
         for arm, by_test in tally.speeds.items():
             out[f"{arm}_{test}"] = summary(by_test[test], "mbit_s", 0)
-        base = tally.speeds["plain"][test]
+        base = tally.speeds.get("plain", {}).get(test)
         for arm, by_test in tally.speeds.items():
-            if arm != "plain":
+            if arm != "plain" and base is not None:
                 # paired: each run over the plain run next to it (same round, same
                 # test), so the load drifting between rounds cancels out
                 pairs = [a / b for a, b in zip(by_test[test], base, strict=True) if b]
@@ -795,11 +807,19 @@ def main() -> int:
         help="in the first round's TCP up: py-spy the agents (pip install py-spy) and"
         " perf(1) the whole machine",
     )
+    parser.add_argument(
+        "--arms",
+        default=",".join(ARMS),
+        help="comma-separated arms to run (default: all; without plain, no ratios)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds, args.idle = 1, 1.5, 0.5
-    write_report(measure(args.rounds, args.seconds, args.idle, args.profile), args.out)
+    arms = tuple(a for a in args.arms.split(",") if a)
+    if not arms or set(arms) - set(ARMS):
+        parser.error(f"--arms: choose from {', '.join(ARMS)}")
+    write_report(measure(args.rounds, args.seconds, args.idle, args.profile, arms), args.out)
     return 0
 
 

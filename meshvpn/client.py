@@ -101,6 +101,7 @@ PROBE_SPACING_S: Final = 0.005
 PROBE_TIMEOUT_S: Final = 1.0
 GRANT_TIMEOUT_S: Final = 5.0
 MAX_ATTEMPTS: Final = 3
+KEPT_SESSIONS: Final = 8  # receipt state per role, for sessions a relay may renew
 ANY_PRICE: Final = 2**64 - 1
 MESH_RANGE: Final = ipaddress.IPv6Network("fd00::/8")  # relay.mesh.MESH_RANGE
 # The end-to-end tunnel rides inside the access link: IPv6 + UDP + WireGuard.
@@ -968,6 +969,7 @@ class _Duty:
         # The single-hop file keeps its old name: a restarted agent finds it.
         suffix = "" if name == "relay" else f"-{name}"
         self.path = agent.opts.state_dir / f"receipts{suffix}.json"
+        self._kept: list[dict[str, Any]] = []  # saved sessions of this role, newest first
         self._restore()
         self._rebind = asyncio.Event()
 
@@ -995,21 +997,28 @@ class _Duty:
         self.session.entry = key
 
     def switch(self, relay: Chosen) -> None:
-        """Another relay in this role now: a new session, counted from its counters."""
+        """Another relay in this role now: a new session, counted from its counters
+        (or from where we left it, if the relay renewed one we had before)."""
         self._save()
         self.relay = relay
         self.session = self._new_session(relay)
+        self._restore()
         self._rebind.set()
 
     def _restore(self) -> None:
-        """Same session after a restart: go on from what we counted and signed."""
+        """Same session after a restart, or renewed after a failover and a reconnect:
+        go on from what we counted and signed (the relay's counts are cumulative)."""
         try:
             data = json.loads(self.path.read_text())
-            if bytes.fromhex(data["session_id"]) != self.session.terms.session_id:
+            records = data.get("sessions", [data])  # or the old format: one session
+            self._kept = [r for r in records if isinstance(r, dict)][:KEPT_SESSIONS]
+            mine = self.session.terms.session_id.hex()
+            record = next((r for r in self._kept if r.get("session_id") == mine), None)
+            if record is None:
                 return
-            counted = Counters(int(data["up"]), int(data["down"]))
-            wire = bytes.fromhex(data["signed"]) if data.get("signed") else b""
-        except (OSError, ValueError, KeyError, TypeError):
+            counted = Counters(int(record["up"]), int(record["down"]))
+            wire = bytes.fromhex(record["signed"]) if record.get("signed") else b""
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return
         self.session.meter = Meter(counted)
         if wire:
@@ -1017,15 +1026,20 @@ class _Duty:
                 self.session.signed, self.session.signed_wire = verify_receipt(wire), wire
 
     def _save(self) -> None:
+        """The current session first, then the last few others of this role: a relay
+        renews a session when the same key comes back, and states its counts since
+        the session began."""
         session = self.session
-        data = {
+        record = {
             "session_id": session.terms.session_id.hex(),
             "up": session.counted.up,
             "down": session.counted.down,
             "signed": session.signed_wire.hex(),
         }
+        others = [r for r in self._kept if r.get("session_id") != record["session_id"]]
+        self._kept = [record, *others][:KEPT_SESSIONS]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
+        tmp.write_text(json.dumps({"sessions": self._kept}))
         tmp.replace(self.path)
 
     async def save_loop(self) -> None:

@@ -152,6 +152,9 @@ class ReceiptDesk:
         restored = self.journal.meter(session.session_id)
         if latest is not None:
             exchange.receipted = latest.receipt
+            # what the client answered: without it the whole session would count as
+            # unanswered after a restart, over any allowance (an abusive cut-off)
+            exchange.answered = Counters(latest.receipt.bytes_up, latest.receipt.bytes_down)
             restored = Counters(
                 max(restored.up, latest.receipt.bytes_up),
                 max(restored.down, latest.receipt.bytes_down),
@@ -202,10 +205,12 @@ class ReceiptDesk:
                     continue
                 raw = Counters(up=peer.rx_bytes, down=peer.tx_bytes)
                 self._follow_path(held, peer.spec.endpoint)
+                sent_before = held.exchange.seq
                 for action in held.exchange.observe(raw, now):
                     if isinstance(action, SendStatement):
                         self._send(action.statement.encode(), str(held.session.address))
-                        self.counters["statements"] += 1
+                        again = action.statement.seq == sent_before
+                        self.counters["statements-resent" if again else "statements"] += 1
                     elif isinstance(action, ClientCutOff):
                         self.counters["cut-off"] += 1
                         self.cut_offs.append(
@@ -213,7 +218,8 @@ class ReceiptDesk:
                                 "client_id": held.session.client_identity.b64,
                                 "reason": action.reason,
                                 "bytes_unreceipted": action.unreceipted.total,
-                                "allowance": held.exchange.terms.grace_bytes,
+                                "allowance": action.allowance,
+                                "bytes_last_reading": action.reading,
                                 "at_ms": now,
                             }
                         )
@@ -348,6 +354,8 @@ class ReceiptDesk:
             "bytes_counted_down": ex.counted.down,
             "bytes_receipted": receipted.total,
             "bytes_unreceipted": ex.unreceipted.total,
+            "allowance": ex.allowance,
+            "statements_resent": ex.resent,
             "bytes_lost_forgiven": max(0, ex.answered.total - receipted.total),
             "receipt_seq": ex.receipted.seq if ex.receipted else 0,
             "last_receipt_ms": held.last_receipt_ms or None,

@@ -73,7 +73,7 @@ def meshvpn(lab: Lab, node: str, *args: str, check: bool = True, timeout: float 
 
 def node_status(lab: Lab, node: str) -> dict[str, Any] | None:
     argv = meshvpn_argv("status", "--json", "--state-dir", str(node_state_dir(lab, node)))
-    proc = lab.exec(node, argv, check=False, timeout=15)
+    proc = lab.exec(node, argv, check=False, timeout=45)  # a loaded machine starts Python slowly
     try:
         data: dict[str, Any] = json.loads(proc.stdout)
     except ValueError:
