@@ -55,7 +55,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -336,6 +336,28 @@ def identify(lab: Lab, index: int) -> tuple[str, Relay]:
     return identity.node_id, Relay(index, address, mesh_prefix_of(address))
 
 
+INOTIFY_LIMIT = Path("/proc/sys/fs/inotify/max_user_instances")
+
+
+@contextlib.contextmanager
+def inotify_room(processes: int) -> Iterator[None]:
+    """Every wireguard-go watches its UAPI socket with an inotify instance of its own,
+    and Linux allows a user 128 by default: fewer than a 30-relay mesh runs (a relay
+    runs one per link and one for its access interface). Raised for the run if
+    needed, and put back after."""
+    old = int(INOTIFY_LIMIT.read_text())
+    want = processes + 128  # and room for everyone else's
+    if old >= want:
+        yield
+        return
+    print(f"raising {INOTIFY_LIMIT} from {old} to {want} for the run", file=sys.stderr)
+    INOTIFY_LIMIT.write_text(f"{want}\n")
+    try:
+        yield
+    finally:
+        INOTIFY_LIMIT.write_text(f"{old}\n")
+
+
 def measure(n: int, deaths: int, seed: int, idle_s: float) -> dict[str, Any]:
     _, topology = random_mesh(n, seed)
     links = [(a + 1, b + 1) for a, b in topology]
@@ -343,7 +365,7 @@ def measure(n: int, deaths: int, seed: int, idle_s: float) -> dict[str, Any]:
     everyone = list(range(1, n + 1))
     rerouted, dropped, rejoin, sweep = [], [], [], []
     stale: list[list[str]] = []
-    with Lab(f"bs{os.getpid() % 100_000:05d}") as lab:
+    with inotify_room(n * 8), Lab(f"bs{os.getpid() % 100_000:05d}") as lab:
         lab.up(n, 0)
         broker = start_broker(lab)
         ids: dict[int, str] = {}

@@ -797,7 +797,7 @@ def dataplane_report(tally: Tally) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0, help="per iperf3 run")
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle sampling")
     parser.add_argument("--quick", action="store_true", help="one round of short runs")
