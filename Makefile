@@ -47,7 +47,7 @@ uninstall:
 # ---- benchmarks (as root; ./run installs what they need)
 .PHONY: bench bench-quick
 
-# Every benchmark against its same-run baseline (~15 min on 2 cores):
+# Every benchmark against its same-run baseline (~16 min on 2 cores):
 # bench/results/latest.json and latest.md. ARGS=... passes options to bench/run.py.
 bench:
 	./run bench $(ARGS)

@@ -501,6 +501,10 @@ def perf_summary(data: Path) -> list[str]:
     # --comm rescales to the data plane's own samples
     lines.append(f"{plane:5.1f} % data plane ({', '.join(comms)}), of which netfilter "
                  f"{netfilter:.1f} %")  # fmt: skip
+    # where wireguard-go's own time goes: the arms run the same binary, so a
+    # difference here is in how it is set up (offloads, MTU, rules it meets)
+    wg = report("--comm", "wireguard-go", "--sort", "sym")
+    lines += [f"{pct:5.1f} % of wireguard-go: {sym}" for pct, sym in wg[:10]]
     return lines
 
 
