@@ -105,6 +105,7 @@ DEFAULT_GRACE_S: Final = 30
 TOLERANCE_MIN: Final = 256 * 1024
 TOLERANCE_SHARE: Final = 100  # 1 %
 MAX_LOSS_PCT: Final = 20  # loss between relay and client that still counts as honest
+REMEMBERED_VERDICTS: Final = 64  # refused statements a client remembers (resends come for seconds)
 RECENT_STATEMENTS: Final = 16
 CHANNEL_PORT: Final = 51822  # UDP, inside the tunnel, on both ends' tunnel addresses
 
@@ -498,6 +499,10 @@ class ClientSession:
     refused: int = 0
     # Multi-hop: the entry a stated path must start at (it must end at our exit).
     entry: PublicKey | None = None
+    # Statements refused, by seq: a re-sent statement gets the verdict its first
+    # copy got. Judged again later, against a count that has grown since, an
+    # inflated claim would pass.
+    verdicts: dict[int, str] = field(default_factory=dict)
 
     @property
     def counted(self) -> Counters:
@@ -511,6 +516,9 @@ class ClientSession:
     ) -> ClientAction:
         if statement.session_id != self.terms.session_id:
             return self._refuse("statement for another session")
+        earlier = self.verdicts.get(statement.seq)
+        if earlier is not None:
+            return StatementRefused(earlier)  # the same statement again: not counted twice
         path = statement.path or self.terms.path
         why = self._wrong_path(statement.path)
         if why is not None:
@@ -519,7 +527,8 @@ class ClientSession:
         if claimed.up > plausible(own.up) or claimed.down > plausible(own.down):
             return self._refuse(
                 f"relay claims {claimed.up} up / {claimed.down} down bytes,"
-                f" we counted {own.up} / {own.down}: inflated, not signing"
+                f" we counted {own.up} / {own.down}: inflated, not signing",
+                statement.seq,
             )
         signable = Counters(
             min(claimed.up, own.up + tolerance(own.up)),
@@ -562,8 +571,12 @@ class ClientSession:
         if ack.session_id == self.terms.session_id:
             self.acked_seq = max(self.acked_seq, ack.seq)
 
-    def _refuse(self, reason: str) -> StatementRefused:
+    def _refuse(self, reason: str, seq: int | None = None) -> StatementRefused:
         self.refused += 1
+        if seq is not None:
+            self.verdicts[seq] = reason
+            if len(self.verdicts) > REMEMBERED_VERDICTS:
+                del self.verdicts[min(self.verdicts)]
         return StatementRefused(reason)
 
     @property

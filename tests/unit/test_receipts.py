@@ -273,12 +273,27 @@ def test_inflating_relay_gets_no_signature() -> None:
     assert refusals
     assert "inflated" in refusals[0].reason
     assert relay.receipted is None
-    # a re-sent statement may become plausible as the client's count grows: then
-    # it signs its own count (plus tolerance), never the inflated claim
-    for e in events:
-        if isinstance(e, SignReceipt):
-            arrived = (e.receipt.issued_ms - NOW) // 100 * MIB
-            assert e.receipt.bytes_down <= arrived + tolerance(arrived)
+    # re-sent statements came while the client's count grew past their claims
+    # (30 MiB counted; the first claimed 16): each kept its first verdict
+    assert not [e for e in events if isinstance(e, SignReceipt)]
+    assert client.refused == len(client.verdicts) < len(refusals)
+
+
+def test_a_resent_inflated_statement_keeps_its_verdict() -> None:
+    """CI: a statement stated early in a session came again 2 s later; judged
+    against the count by then, its claim looked plausible and was signed."""
+    client = ClientSession(terms())
+    inflated = Statement(terms().session_id, 1, Counters(0, 5 * MIB), NOW)
+    client.observe(Counters(0, MIB))
+    assert isinstance(client.on_statement(inflated, CLIENT, NOW), StatementRefused)
+    client.observe(Counters(0, 6 * MIB))  # far past the claim now
+    again = client.on_statement(inflated, CLIENT, NOW + 2000)
+    assert isinstance(again, StatementRefused)
+    assert "inflated" in again.reason
+    assert client.refused == 1
+    # the next statement is judged on its own
+    honest = Statement(terms().session_id, 2, Counters(0, 6 * MIB), NOW + 2000)
+    assert isinstance(client.on_statement(honest, CLIENT, NOW + 2000), SignReceipt)
 
 
 def test_under_signing_and_replay_are_rejected() -> None:
