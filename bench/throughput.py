@@ -18,6 +18,19 @@ turn (the order reverses every round, so none always gets the warmer machine):
   on the client (fwmark, two policy rules, a table with a default route) and
   a bare nftables masquerade on the relay; no agent, no meshvpn rules.
 
+On this one machine standing in for several, the arms must also share the
+CPU alike. Linux schedules by autogroup (kernel.sched_autogroup_enabled, on
+by default): CPU time is shared fairly between sessions first, then between
+the processes of a session. The lab starts every agent in a session of its
+own, and wireguard-go runs in its agent's; so every plain wireguard-go gets
+a session of its own too. (Until 2026-11-25 the plain ends ran in the
+benchmark's session, with the iperf3 client: that arrangement alone gave the
+plain arm 20-25 % more throughput, which the earlier reports took for
+meshvpn's overhead. A plain arm moved to sessions of its own measured what
+the meshvpn arm did.) In a multi-hop chain a plain relay's two ends have a
+session each where a meshvpn relay's share its agent's: if anything, that
+favours the baseline.
+
 Per arm and round, iperf3 from client1: TCP up, TCP down (``-R``) and UDP up
 (unlimited offered rate; the figure is what the server received). A ratio is
 the median over rounds of each arm's run divided by the plain run of the
@@ -57,6 +70,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self
@@ -156,6 +170,8 @@ class MeshvpnArm:
     metered: bool = False
     name: str = "meshvpn"
     route: tuple[str, ...] = ()  # more `connect` arguments (multi-hop: --entry, --exit)
+    # diagnostic: the agents stopped (SIGSTOP) while iperf3 runs, their wireguard-go not
+    freeze: bool = False
     client_pid: int = 0
     rounds: int = 0
     signed: int = 0  # receipts the metered clients signed,
@@ -234,6 +250,10 @@ class PlainArm:
             stdout=log,
             stderr=log,
             env=env,
+            # Its own session, as a meshvpn agent's wireguard-go has (the lab starts
+            # agents in theirs): Linux's autogroup scheduling shares the CPU between
+            # sessions, so the arms must be arranged alike (see the module's doc).
+            start_new_session=True,
         )
         log.close()
         sock = Path("/var/run/wireguard") / f"{ifname}.sock"
@@ -585,7 +605,7 @@ def run_test(  # noqa: PLR0917
     spying = py_spy(pids, seconds, lab.state_dir / arm.name) if spy and pids else {}
     planes = arm.dataplane()
     plane_before = {node: cpu_s(wg) for node, wg in planes.items()}
-    with Sampler(pids) as sampler:
+    with Sampler(pids) as sampler, frozen(pids if getattr(arm, "freeze", False) else {}):
         t0 = time.monotonic()
         got = iperf(lab, test, seconds)
     if not got.stalled and got.bytes:
@@ -613,6 +633,18 @@ def run_test(  # noqa: PLR0917
         time.sleep(2)  # py-spy writes its file after the duration
         tally.profiles |= {f"{arm.name}.{n}": top_frames(f) for n, f in spying.items()}
     return not got.stalled
+
+
+@contextlib.contextmanager
+def frozen(pids: dict[str, int]) -> Iterator[None]:
+    """The agents stopped for the block: what the data plane does without them."""
+    for pid in pids.values():
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids.values():
+            os.kill(pid, signal.SIGCONT)
 
 
 def schedule(arms: list[Arm], r: int, *, single: bool) -> list[tuple[str, Arm, bool]]:
@@ -657,11 +689,16 @@ def profile_round(
     tally.profiles |= scratch.profiles
 
 
-ARMS = ("meshvpn", "plain", "metered")
+ARMS = ("meshvpn", "plain", "metered", "frozen")
+DEFAULT_ARMS = ("meshvpn", "plain", "metered")
 
 
 def measure(
-    rounds: int, seconds: float, idle_s: float, profile: bool, arms: tuple[str, ...] = ARMS
+    rounds: int,
+    seconds: float,
+    idle_s: float,
+    profile: bool,
+    arms: tuple[str, ...] = DEFAULT_ARMS,
 ) -> dict[str, Any]:
 
     tally = Tally()
@@ -675,7 +712,8 @@ def measure(
         plain.prepare()
         hand = MeshvpnArm(lab, int(relay["pid"]))
         metered = MeshvpnArm(lab, int(relay["pid"]), metered=True, name="metered")
-        chosen: list[Arm] = [a for a in (hand, plain, metered) if a.name in arms]
+        still = MeshvpnArm(lab, int(relay["pid"]), name="frozen", freeze=True)
+        chosen: list[Arm] = [a for a in (hand, plain, metered, still) if a.name in arms]
         try:
             run_rounds(lab, chosen, server, Rounds(rounds, seconds, idle_s),
                        tally, profile=profile)  # fmt: skip
@@ -813,8 +851,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--arms",
-        default=",".join(ARMS),
-        help="comma-separated arms to run (default: all; without plain, no ratios)",
+        default=",".join(DEFAULT_ARMS),
+        help="comma-separated arms to run (default: %(default)s; without plain, no ratios;"
+        " frozen: the hand-admitted session with its agents stopped while iperf3 runs)",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
