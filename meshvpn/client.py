@@ -1097,9 +1097,12 @@ class _Duty:
             self.agent._count_reject("bad-statement")  # noqa: SLF001 - the agent's counter
             return
         await self._read_counters()
+        refused_before = session.refused  # a re-sent refused statement is not a new refusal
         action = session.on_statement(statement, self.agent.identity.identity_key, now_ms())
         if isinstance(action, StatementRefused):
-            if session.refused == 1 or session.refused % 10 == 0:
+            if session.refused > refused_before and (
+                session.refused == 1 or session.refused % 10 == 0
+            ):
                 log.warning("not signing the %s's statement: %s", self.name, action.reason)
             return
         cast("asyncio.DatagramTransport", transport).sendto(action.wire, addr)
