@@ -178,13 +178,13 @@ def stop_accounting(lab: Lab, name: str = "accounting", timeout: float = 30) -> 
     pid = int((node_state_dir(lab, name) / LOCK_NAME).read_text().strip())
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _running(pid):
+    while running(pid):
         if time.monotonic() > deadline:
             raise LocalError(f"{name} ({pid}) did not stop within {timeout:g} s")
         time.sleep(0.05)
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Alive and not a zombie (the lab reaps its children only at teardown)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -35,6 +35,7 @@ from meshvpn.lab.nodes import (
     meshvpn,
     node_state_dir,
     node_status,
+    running,
     start_accounting,
     start_broker,
     start_relay,
@@ -361,15 +362,6 @@ def test_a_backlog_drains_after_a_restart(make_lab: Any) -> None:
 
 
 MQTT_TOOL = str(Path(__file__).with_name("mqtt_tool.py"))
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (the lab reaps its children only at teardown)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def relay_receipts(lab: Lab) -> dict[str, Any]:

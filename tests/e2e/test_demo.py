@@ -12,27 +12,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from meshvpn.lab import netns
 from meshvpn.lab.lab import DEFAULT_STATE_ROOT, Lab
+from meshvpn.lab.nodes import running
 from meshvpn.lab.topology import owns_netns
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_headless_demo_every_relay_earns_and_nothing_is_left(
@@ -64,4 +56,4 @@ def test_headless_demo_every_relay_earns_and_nothing_is_left(
     # the summary counted some processes (agents, broker, downloads): none survives
     assert "nothing left behind" in log
     assert len(summary["pids"]) >= 5 + 2 + 2 + 2  # relays, clients, downloads, broker, accounting
-    assert not any(_alive(pid) for pid in summary["pids"])
+    assert not any(running(pid) for pid in summary["pids"])
